@@ -1,0 +1,1 @@
+"""Evaluation metrics. ``toy`` scores samples of the 2-D Gaussian mixtures."""

@@ -1,0 +1,92 @@
+"""The paper's standard CNN ("SNDCGAN", appendix B, Table 3) for 32 and 48 px.
+
+Generator: dense to ``bottom x bottom x 8ch`` (4x4 for 32 px, 6x6 for 48 px)
+with batch norm and ReLU, three 4x4 stride-2 transposed convolutions with
+batch norm and ReLU to 4ch, 2ch and ch channels, then a 3x3 convolution to
+RGB and tanh. Discriminator: seven convolutions with ch, ch, 2ch, 2ch, 4ch,
+4ch and 8ch channels, alternating 3x3 stride 1 and 4x4 stride 2, each followed
+by leaky ReLU (slope 0.1), then a dense layer to one logit. ``ch = 64`` gives
+the paper's widths.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sngan_jax import layers
+
+# (channel multiple of ch, kernel size, stride) of the discriminator convs.
+_D_CONVS = ((1, 3, 1), (1, 4, 2), (2, 3, 1), (2, 4, 2), (4, 3, 1), (4, 4, 2), (8, 3, 1))
+_BOTTOM = {32: 4, 48: 6}
+
+
+def _check_size(image_size: int) -> int:
+    if image_size not in _BOTTOM:
+        raise ValueError(
+            f"the SNDCGAN networks are defined for image sizes {sorted(_BOTTOM)}, "
+            f"got {image_size}; resize the data or pick another model"
+        )
+    return _BOTTOM[image_size]
+
+
+class DCGANGenerator(nn.Module):
+    """Maps ``z (N, z_dim)`` to images ``(N, S, S, channels)`` in [-1, 1]."""
+
+    image_size: int = 32
+    ch: int = 64
+    z_dim: int = 128
+    channels: int = 3
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, z: jax.Array, labels: jax.Array | None = None, train: bool = True
+    ) -> jax.Array:
+        bottom = _check_size(self.image_size)
+
+        def bn_relu(x):
+            bn = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, axis_name=self.axis_name
+            )
+            return nn.relu(bn(x))
+
+        # Batch norm over the dense layer's units before the reshape, as in the
+        # authors' Chainer code (the paper's table leaves it implicit).
+        x = bn_relu(nn.Dense(bottom * bottom * 8 * self.ch)(z))
+        x = x.reshape(z.shape[0], bottom, bottom, 8 * self.ch)
+        for mult in (4, 2, 1):
+            x = nn.ConvTranspose(mult * self.ch, (4, 4), (2, 2), padding="SAME")(x)
+            x = bn_relu(x)
+        return jnp.tanh(nn.Conv(self.channels, (3, 3))(x))
+
+
+class DCGANDiscriminator(nn.Module):
+    """Maps images ``(N, S, S, C)`` to logits ``(N,)``."""
+
+    image_size: int = 32
+    ch: int = 64
+    norm: str = "spectral"
+    axis_name: str | None = None
+    sn_init_steps: int = 15
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
+    ) -> jax.Array:
+        _check_size(self.image_size)
+        for mult, k, s in _D_CONVS:
+            conv = layers.make_conv(
+                self.norm,
+                mult * self.ch,
+                (k, k),
+                (s, s),
+                axis_name=self.axis_name,
+                sn_init_steps=self.sn_init_steps,
+            )
+            x = nn.leaky_relu(conv(x, update_stats), 0.1)
+        dense = layers.make_dense(
+            self.norm, 1, normalize_output=False, sn_init_steps=self.sn_init_steps
+        )
+        return dense(x.reshape(x.shape[0], -1), update_stats)[:, 0]

@@ -1,0 +1,79 @@
+"""Config checks that run before anything is compiled or written."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sngan_jax import data, layers, losses, models
+
+
+class ConfigError(ValueError):
+    """The config cannot work; the message says which field and what to do."""
+
+
+def check(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """Raises ``ConfigError`` or ``data.DataError`` for a config that cannot run."""
+    _check_numbers(config, device_count)
+    _check_names(config)
+    _check_data_fits_model(config)
+
+
+def _check_numbers(config: ml_collections.ConfigDict, device_count: int) -> None:
+    if config.batch_size % device_count:
+        raise ConfigError(
+            f"batch_size={config.batch_size} (the global batch) is not divisible by "
+            f"the {device_count} devices of this run; pick a multiple of "
+            f"{device_count}, for example --config.batch_size="
+            f"{max(device_count, config.batch_size // device_count * device_count)}"
+        )
+    for field in ("total_steps", "n_dis", "batch_size"):
+        if config[field] < 1:
+            raise ConfigError(f"{field} must be at least 1, got {config[field]}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def _check_names(config: ml_collections.ConfigDict) -> None:
+    if config.model.name not in models.MODELS:
+        raise ConfigError(
+            f"unknown model.name {config.model.name!r}; choose one of {models.MODELS}"
+        )
+    if config.model.d_norm not in layers.NORMS:
+        raise ConfigError(
+            f"unknown model.d_norm {config.model.d_norm!r}; "
+            f"choose one of {layers.NORMS}"
+        )
+    if config.loss.name not in losses.LOSSES:
+        raise ConfigError(
+            f"unknown loss.name {config.loss.name!r}; "
+            f"choose one of {sorted(losses.LOSSES)}"
+        )
+
+
+def _check_data_fits_model(config: ml_collections.ConfigDict) -> None:
+    facts = data.describe(config.dataset)
+    model = config.model
+    if facts["kind"] == "points":
+        if model.name != "mlp":
+            raise ConfigError(
+                f"data set {config.dataset.name!r} is 2-D points; it needs "
+                f"model.name='mlp', not {model.name!r}"
+            )
+    else:
+        expected = (model.image_size, model.image_size, model.channels)
+        if tuple(facts["shape"]) != expected:
+            raise ConfigError(
+                f"data set {config.dataset.name!r} has images of shape "
+                f"{tuple(facts['shape'])}, but the model is set up for {expected} "
+                f"(model.image_size, model.channels)"
+            )
+    if model.num_classes and not facts["num_classes"]:
+        raise ConfigError(
+            f"model.num_classes={model.num_classes} asks for a class-conditional "
+            f"model, but data set {config.dataset.name!r} has no labels"
+        )
+    if model.num_classes and model.num_classes != facts["num_classes"]:
+        raise ConfigError(
+            f"model.num_classes={model.num_classes}, but data set "
+            f"{config.dataset.name!r} has {facts['num_classes']} classes"
+        )

@@ -1,0 +1,141 @@
+"""The linen layers: where their state lives, initialization, baselines."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sngan_jax import layers, optim, spectral
+
+KEY = jax.random.PRNGKey(0)
+
+SN_LAYERS = [
+    (layers.SNDense(8), jnp.ones((2, 5))),
+    (layers.SNConv(8, (3, 3)), jnp.ones((2, 6, 6, 3))),
+    (layers.SNConvTranspose(8, (4, 4), (2, 2)), jnp.ones((2, 4, 4, 3))),
+    (layers.SNEmbed(10, 8), jnp.array([1, 7])),
+]
+
+
+@pytest.mark.parametrize("layer,x", SN_LAYERS, ids=lambda p: type(p).__name__)
+def test_vectors_live_in_the_spectral_collection(layer, x):
+    variables = layer.init(KEY, x, update_stats=True)
+    assert set(variables) == {"params", "spectral"}
+    assert set(variables["spectral"]) == {"u", "sigma"}
+    kernel = next(v for k, v in variables["params"].items() if k != "bias")
+    assert variables["spectral"]["u"].shape == (kernel.shape[-1],)
+
+
+@pytest.mark.parametrize("layer,x", SN_LAYERS, ids=lambda p: type(p).__name__)
+def test_eval_call_changes_nothing(layer, x):
+    variables = layer.init(KEY, x, update_stats=True)
+    y1, new = layer.apply(variables, x, update_stats=False, mutable=["spectral"])
+    y2 = layer.apply(variables, x, update_stats=False)
+    assert np.array_equal(y1, y2)
+    for a, b in zip(
+        jax.tree.leaves(new), jax.tree.leaves(variables["spectral"]), strict=True
+    ):
+        assert np.array_equal(a, b)
+    # A training call does move the vector.
+    _, moved = layer.apply(variables, x, update_stats=True, mutable=["spectral"])
+    assert not np.array_equal(moved["spectral"]["u"], variables["spectral"]["u"])
+
+
+def test_initial_sigma_is_close_to_exact_after_warm_up():
+    x = jnp.ones((1, 8, 8, 64))
+    cold = layers.SNConv(64, n_init_steps=0).init(KEY, x, update_stats=True)
+    warm = layers.SNConv(64, n_init_steps=15).init(KEY, x, update_stats=True)
+    exact = float(spectral.exact_sigma(warm["params"]["kernel"]))
+    cold_sigma = spectral.spectral_normalize(
+        cold["params"]["kernel"], cold["spectral"]["u"], update=False
+    )[2]
+    err_cold = abs(float(cold_sigma) - exact) / exact
+    err_warm = abs(float(warm["spectral"]["sigma"]) - exact) / exact
+    assert err_warm < 0.05, err_warm
+    assert err_warm < err_cold
+
+
+def test_the_normalized_layer_uses_the_normalized_kernel():
+    layer = layers.SNDense(4, use_bias=False, n_init_steps=500)
+    x = jax.random.normal(KEY, (3, 6))
+    variables = layer.init(KEY, x, update_stats=True)
+    kernel = variables["params"]["kernel"]
+    y = layer.apply(variables, x, update_stats=False)
+    np.testing.assert_allclose(y, x @ kernel / spectral.exact_sigma(kernel), rtol=1e-4)
+
+
+def test_weight_norm_starts_as_the_plain_layer():
+    x = jax.random.normal(KEY, (3, 6))
+    wn = layers.WNDense(4)
+    variables = wn.init(KEY, x)
+    plain = x @ variables["params"]["kernel"]
+    np.testing.assert_allclose(wn.apply(variables, x), plain, rtol=1e-5, atol=1e-6)
+
+
+class TinyD(nn.Module):
+    norm: str
+
+    @nn.compact
+    def __call__(self, x, update_stats=True):
+        x = nn.relu(layers.make_conv(self.norm, 4)(x, update_stats))
+        x = x.reshape(x.shape[0], -1)
+        return layers.make_dense(self.norm, 1, normalize_output=False)(x, update_stats)
+
+
+@pytest.mark.parametrize("norm", layers.NORMS)
+def test_every_baseline_normalization_builds_and_runs(norm):
+    x = jax.random.normal(KEY, (4, 6, 6, 3))
+    variables = TinyD(norm).init(KEY, x)
+    y = TinyD(norm).apply(variables, x, mutable=["spectral"])[0]
+    assert y.shape == (4, 1)
+    assert ("spectral" in variables) == (norm == "spectral")
+
+
+def test_unknown_norm_is_rejected_with_choices():
+    with pytest.raises(ValueError, match="choose one of"):
+        TinyD("group").init(KEY, jnp.ones((1, 6, 6, 3)))
+
+
+def test_batch_stat_norm_normalizes_each_channel():
+    x = 3.0 + 2.0 * jax.random.normal(KEY, (64, 4, 4, 5))
+    bn = layers.BatchStatNorm()
+    y = bn.apply(bn.init(KEY, x), x)
+    np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, atol=1e-3)
+
+
+def test_conditional_batch_norm_depends_on_the_label():
+    cbn = layers.ConditionalBatchNorm(num_classes=3)
+    x = jax.random.normal(KEY, (4, 2, 2, 6))
+    labels = jnp.array([0, 1, 2, 0])
+    variables = cbn.init(KEY, x, labels, train=True)
+    params = jax.tree.map(
+        lambda p: p + jnp.arange(p.shape[0])[:, None], variables["params"]
+    )
+    variables = {**variables, "params": params}
+    y, _ = cbn.apply(variables, x, labels, train=True, mutable=["batch_stats"])
+    y_other, _ = cbn.apply(
+        variables, x, labels[::-1], train=True, mutable=["batch_stats"]
+    )
+    assert y.shape == x.shape
+    assert not np.allclose(y, y_other)
+
+
+def test_weight_clipping_keeps_parameters_in_bounds():
+    params = {"w": jnp.array([0.005, -0.009, 0.0])}
+    tx = optax.chain(optax.sgd(1.0), optim.clip_weights(0.01))
+    state = tx.init(params)
+    grads = {"w": jnp.array([-1.0, 1.0, 0.004])}
+    updates, _ = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["w"], [0.01, -0.01, -0.004], atol=1e-7)
+
+
+def test_spectral_sigmas_flattens_layer_paths():
+    tree = {
+        "SNConv_0": {"u": jnp.ones(2), "sigma": 1.5},
+        "b": {"SNDense_0": {"sigma": 2.0}},
+    }
+    assert layers.spectral_sigmas(tree) == {"SNConv_0": 1.5, "b/SNDense_0": 2.0}
