@@ -14,18 +14,21 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def image_grid(
-    images: np.ndarray, ncol: int | None = None, pad: int = 1
+    images: np.ndarray, ncol: int | None = None, pad: int = 1, scale: int = 1
 ) -> Image.Image:
     """Tiles images ``(N, H, W, C)`` (uint8, or float in [-1, 1]) into one PIL image.
 
     ``ncol`` defaults to the smallest square that fits; grey images (C = 1)
-    give a grey picture. Renders inline in Jupyter.
+    give a grey picture; ``scale`` enlarges each pixel to a square of that
+    many pixels (for small images). Renders inline in Jupyter.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
         images = to_uint8(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected images (N, H, W, 1 or 3), got shape {images.shape}")
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     ncol = ncol or int(np.ceil(np.sqrt(n)))
     nrow = int(np.ceil(n / ncol))

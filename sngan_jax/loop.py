@@ -38,8 +38,8 @@ def train_and_evaluate(
     """
     if devices is not None and jax.process_count() > 1:
         raise ValueError("devices= is for single-process runs; use every device")
-    devices = list(devices or jax.local_devices())
-    validate.check(config, len(devices) * jax.process_count())
+    num_devices = len(devices) if devices else jax.device_count()
+    validate.check(config, num_devices)
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
@@ -79,14 +79,17 @@ def _restore_or_init(trainer, ckpt, stream, writer) -> train.TrainState:
 
 
 def _run(config, trainer, state, stream, ckpt, writer, devices) -> train.TrainState:
+    # devices=None lets pmap span every device of every process; a list of
+    # local devices would make each process train on its own.
     p_step = train.pmap_train_step(trainer, devices)
-    state = replicate(state, len(devices))
+    num_local = len(devices) if devices else jax.local_device_count()
+    state = replicate(state, num_local)
     first_step = int(state.step[0])
     clock = _Clock(config, first_step)
     pending = None
     for step in range(first_step + 1, config.total_steps + 1):
         batches = [next(stream) for _ in range(config.n_dis)]
-        state, metrics = p_step(state, train.shard_batches(batches, len(devices)))
+        state, metrics = p_step(state, train.shard_batches(batches, num_local))
         if pending is not None:
             _log(config, writer, clock, *pending)
         pending = (step, metrics) if step % config.log_every == 0 else None
@@ -206,7 +209,8 @@ def _write_samples(config, trainer, writer, state, step: int) -> None:
     if trainer.num_classes:
         labels = jnp.arange(NUM_SAMPLES) % trainer.num_classes
     fake = np.asarray(sample(g_params, batch_stats, z, labels))
-    writer.write_image(step, images.image_grid(fake, ncol=8))
+    scale = max(1, 32 // fake.shape[1])  # small images are hard to see
+    writer.write_image(step, images.image_grid(fake, ncol=8, scale=scale))
     writer.flush()
 
 

@@ -247,13 +247,12 @@ class Trainer:
         key = jax.random.fold_in(state.rng, state.step)
         d_keys = jax.random.split(jax.random.fold_in(key, 0), self.config.n_dis)
 
-        def d_body(state, xs):
-            real_batch, d_key = xs
-            return self.d_update(state, real_batch, d_key)
-
-        state, d_metrics = jax.lax.scan(d_body, state, (dict(batch), d_keys))
-        # Report the last discriminator update of the step.
-        metrics = jax.tree.map(lambda m: m[-1], d_metrics)
+        # Unrolled rather than lax.scan: XLA's CPU backend runs convolutions
+        # inside a while loop several times slower (8x on the digits model).
+        for i in range(self.config.n_dis):
+            real_batch = {k: v[i] for k, v in batch.items()}
+            state, metrics = self.d_update(state, real_batch, d_keys[i])
+        # metrics: those of the last discriminator update of the step.
         per_device = batch["images"].shape[1]
         state, g_metrics = self.g_update(state, jax.random.fold_in(key, 1), per_device)
         metrics.update(g_metrics)
