@@ -177,7 +177,7 @@ def test_two_processes_train_like_one_process(tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "2 process(es), 4 device(s) in all, 2 here" in outputs[0][0]
     assert "step 6/6" in outputs[0][0]
