@@ -156,11 +156,13 @@ def _log(config, writer, clock, step: int, metrics) -> None:
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
         raise FloatingPointError(
-            f"training diverged: {', '.join(bad)} became NaN or Inf at step {step}; "
-            f"the last checkpoint in the workdir is intact"
+            f"training diverged: {', '.join(bad)} became NaN or Inf by step {step} "
+            f"(checked every log_every={config.log_every} steps); checkpoints "
+            f"saved before the divergence are usable"
         )
     images_per_s, eta = clock.rates(step)
-    metrics["images_per_s"] = images_per_s
+    if np.isfinite(images_per_s):  # not measured until compilation is over
+        metrics["images_per_s"] = images_per_s
     writer.write_scalars(step, metrics)
     line = (
         f"step {step}/{config.total_steps} | d_loss {metrics['d_loss']:.4f} "
@@ -192,7 +194,7 @@ def _write_samples(config, trainer, writer, state, step: int) -> None:
         return
     g_params, batch_stats = _sample_params(state)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    sample = jax.jit(trainer.sample)
+    sample = trainer.sample
     if config.model.name == "mlp":
         z = jax.random.normal(key, (NUM_POINTS, trainer.z_dim))
         points = np.asarray(sample(g_params, batch_stats, z))

@@ -70,6 +70,7 @@ class Trainer:
         self.global_batch = config.batch_size
         self.num_classes = config.model.num_classes
         self.z_dim = config.model.z_dim
+        self._sample = jax.jit(self._eval_generator)
 
     # --- initialization ------------------------------------------------------
 
@@ -269,7 +270,10 @@ class Trainer:
         z: Array,
         labels: Array | None = None,
     ) -> Array:
-        """Generator output in eval mode (running batch-norm statistics)."""
+        """Generator output in eval mode (running batch-norm statistics); jitted."""
+        return self._sample(g_params, g_batch_stats, z, labels)
+
+    def _eval_generator(self, g_params, g_batch_stats, z, labels):
         variables = {"params": g_params, "batch_stats": g_batch_stats}
         return self.g_local.apply(variables, z, labels, train=False)
 

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -79,7 +80,5 @@ def _to_python(value: Any) -> Any:
 
 def console(message: str) -> None:
     """One line for the person watching the run (stdout, process 0 only)."""
-    import jax
-
     if jax.process_index() == 0:
         print(message, flush=True)
