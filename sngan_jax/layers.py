@@ -18,7 +18,7 @@ normalizations that the paper compares: spectral, weight, layer, batch, none.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -83,15 +83,28 @@ class SNDense(nn.Module):
             self, kernel, update_stats, self.n_steps, self.n_init_steps, self.eps
         )
         y = jnp.dot(x, kernel.astype(x.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,))
-        return y
+        return _add_bias(self, y, self.use_bias, self.bias_init)
 
 
-def _conv_padding(padding: str | int) -> str | Sequence[tuple[int, int]]:
+def _conv2d(
+    x: Array, kernel: Array, strides: tuple[int, int], padding: str | int
+) -> Array:
+    """NHWC convolution with an HWIO kernel; an int padding pads every side."""
     if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    return padding
+        padding = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=strides,
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def _add_bias(module: nn.Module, y: Array, use_bias: bool, init: Initializer) -> Array:
+    if not use_bias:
+        return y
+    return y + module.param("bias", init, (y.shape[-1],))
 
 
 class SNConv(nn.Module):
@@ -115,16 +128,8 @@ class SNConv(nn.Module):
         kernel = _spectral_kernel(
             self, kernel, update_stats, self.n_steps, self.n_init_steps, self.eps
         )
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.astype(x.dtype),
-            window_strides=self.strides,
-            padding=_conv_padding(self.padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,))
-        return y
+        y = _conv2d(x, kernel, self.strides, self.padding)
+        return _add_bias(self, y, self.use_bias, self.bias_init)
 
 
 class SNConvTranspose(nn.Module):
@@ -160,9 +165,7 @@ class SNConvTranspose(nn.Module):
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,))
-        return y
+        return _add_bias(self, y, self.use_bias, self.bias_init)
 
 
 class SNEmbed(nn.Module):
@@ -208,9 +211,7 @@ class WNDense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         kernel = _weight_normalize(self, kernel, self.eps)
         y = jnp.dot(x, kernel.astype(x.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-        return y
+        return _add_bias(self, y, self.use_bias, nn.initializers.zeros)
 
 
 class WNConv(nn.Module):
@@ -229,16 +230,8 @@ class WNConv(nn.Module):
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape)
         kernel = _weight_normalize(self, kernel, self.eps)
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.astype(x.dtype),
-            window_strides=self.strides,
-            padding=_conv_padding(self.padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-        return y
+        y = _conv2d(x, kernel, self.strides, self.padding)
+        return _add_bias(self, y, self.use_bias, nn.initializers.zeros)
 
 
 def _weight_normalize(module: nn.Module, kernel: Array, eps: float) -> Array:

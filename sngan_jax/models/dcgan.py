@@ -16,19 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from sngan_jax import layers
+from sngan_jax.models.common import bn_relu, by_image_size
 
 # (channel multiple of ch, kernel size, stride) of the discriminator convs.
 _D_CONVS = ((1, 3, 1), (1, 4, 2), (2, 3, 1), (2, 4, 2), (4, 3, 1), (4, 4, 2), (8, 3, 1))
 _BOTTOM = {32: 4, 48: 6}
-
-
-def _check_size(image_size: int) -> int:
-    if image_size not in _BOTTOM:
-        raise ValueError(
-            f"the SNDCGAN networks are defined for image sizes {sorted(_BOTTOM)}, "
-            f"got {image_size}; resize the data or pick another model"
-        )
-    return _BOTTOM[image_size]
 
 
 class DCGANGenerator(nn.Module):
@@ -44,21 +36,14 @@ class DCGANGenerator(nn.Module):
     def __call__(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = True
     ) -> jax.Array:
-        bottom = _check_size(self.image_size)
-
-        def bn_relu(x):
-            bn = nn.BatchNorm(
-                use_running_average=not train, momentum=0.9, axis_name=self.axis_name
-            )
-            return nn.relu(bn(x))
-
+        bottom = by_image_size(_BOTTOM, self.image_size, "SNDCGAN generator")
         # Batch norm over the dense layer's units before the reshape, as in the
         # authors' Chainer code (the paper's table leaves it implicit).
-        x = bn_relu(nn.Dense(bottom * bottom * 8 * self.ch)(z))
+        x = bn_relu(nn.Dense(bottom * bottom * 8 * self.ch)(z), train, self.axis_name)
         x = x.reshape(z.shape[0], bottom, bottom, 8 * self.ch)
         for mult in (4, 2, 1):
             x = nn.ConvTranspose(mult * self.ch, (4, 4), (2, 2), padding="SAME")(x)
-            x = bn_relu(x)
+            x = bn_relu(x, train, self.axis_name)
         return jnp.tanh(nn.Conv(self.channels, (3, 3))(x))
 
 
@@ -75,7 +60,7 @@ class DCGANDiscriminator(nn.Module):
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
     ) -> jax.Array:
-        _check_size(self.image_size)
+        by_image_size(_BOTTOM, self.image_size, "SNDCGAN discriminator")
         for mult, k, s in _D_CONVS:
             conv = layers.make_conv(
                 self.norm,

@@ -23,16 +23,16 @@ of the normalizations that the paper compares.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sngan_jax import layers
+from sngan_jax.models.common import BN_MOMENTUM, by_image_size
 
 Array = jax.Array
-Spec = TypeVar("Spec")
 
 CONDITIONINGS = ("projection", "concat")
 
@@ -41,8 +41,6 @@ CONDITIONINGS = ("projection", "concat")
 # generator's output convolution use plain Glorot, as the reference code does.
 _residual_init = nn.initializers.variance_scaling(2.0, "fan_avg", "uniform")
 _plain_init = nn.initializers.xavier_uniform()
-
-_BN_MOMENTUM = 0.9
 
 
 class _GSpec(NamedTuple):
@@ -72,15 +70,6 @@ _CONCAT_AFTER_BLOCKS = 3
 _CONCAT_FEATURES = 128
 
 
-def _spec(table: dict[int, Spec], image_size: int, network: str) -> Spec:
-    if image_size not in table:
-        raise ValueError(
-            f"the ResNet {network} is defined for image sizes {sorted(table)}, "
-            f"got {image_size}"
-        )
-    return table[image_size]
-
-
 def _check_labels(num_classes: int, labels: Array | None, network: str) -> None:
     if num_classes > 0 and labels is None:
         raise ValueError(
@@ -108,13 +97,13 @@ def _batch_norm(
     """
     if num_classes > 0:
         return layers.ConditionalBatchNorm(
-            num_classes, axis_name=axis_name, momentum=_BN_MOMENTUM, name=name
+            num_classes, axis_name=axis_name, momentum=BN_MOMENTUM, name=name
         )
 
     def norm(x: Array, labels: Array | None, train: bool) -> Array:
         bn = nn.BatchNorm(
             use_running_average=not train,
-            momentum=_BN_MOMENTUM,
+            momentum=BN_MOMENTUM,
             axis_name=axis_name,
             name=name,
         )
@@ -169,7 +158,7 @@ class ResNetGenerator(nn.Module):
     def __call__(
         self, z: Array, labels: Array | None = None, train: bool = True
     ) -> Array:
-        spec = _spec(_G_SPECS, self.image_size, "generator")
+        spec = by_image_size(_G_SPECS, self.image_size, "ResNet generator")
         if z.ndim != 2 or z.shape[-1] != self.z_dim:
             raise ValueError(f"z must have shape (N, {self.z_dim}), got {z.shape}")
         _check_labels(self.num_classes, labels, "generator")
@@ -320,7 +309,7 @@ class ResNetDiscriminator(nn.Module):
         return logits
 
     def _check(self, x: Array, labels: Array | None) -> _DSpec:
-        spec = _spec(_D_SPECS, self.image_size, "discriminator")
+        spec = by_image_size(_D_SPECS, self.image_size, "ResNet discriminator")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(
                 f"unknown conditioning {self.conditioning!r}; choose one of "

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sngan_jax import layers
+from sngan_jax.models.common import bn_relu, by_image_size
 
 # Image size -> number of 2x stages from (or down to) the 4x4 bottom.
 _STAGES = {8: 1, 16: 2}
@@ -58,15 +59,6 @@ class MLPDiscriminator(nn.Module):
         return out(x, update_stats)[:, 0]
 
 
-def _stages(image_size: int) -> int:
-    if image_size not in _STAGES:
-        raise ValueError(
-            f"the small image networks are defined for sizes {sorted(_STAGES)}, "
-            f"got {image_size}; use the SNDCGAN or ResNet models for larger images"
-        )
-    return _STAGES[image_size]
-
-
 class SmallGenerator(nn.Module):
     """Maps ``z (N, z_dim)`` to images ``(N, S, S, channels)`` in [-1, 1]."""
 
@@ -79,23 +71,18 @@ class SmallGenerator(nn.Module):
     def __call__(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = True
     ) -> jax.Array:
-        stages = _stages(self.image_size)
-
-        def bn_relu(x):
-            bn = nn.BatchNorm(
-                use_running_average=not train, momentum=0.9, axis_name=self.axis_name
-            )
-            return nn.relu(bn(x))
+        stages = by_image_size(_STAGES, self.image_size, "small image generator")
 
         # Layers followed by batch norm have no bias: the norm removes it, and
         # its gradient would be pure rounding noise, which Adam amplifies.
         width = self.ch * 2**stages
         x = nn.Dense(4 * 4 * width, use_bias=False)(z)
-        x = bn_relu(x.reshape(z.shape[0], 4, 4, width))
+        x = bn_relu(x.reshape(z.shape[0], 4, 4, width), train, self.axis_name)
         for _ in range(stages):
             width //= 2
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-            x = bn_relu(nn.Conv(width, (3, 3), use_bias=False)(x))
+            x = nn.Conv(width, (3, 3), use_bias=False)(x)
+            x = bn_relu(x, train, self.axis_name)
         return jnp.tanh(nn.Conv(self.channels, (3, 3))(x))
 
 
@@ -112,7 +99,7 @@ class SmallDiscriminator(nn.Module):
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
     ) -> jax.Array:
-        stages = _stages(self.image_size)
+        stages = by_image_size(_STAGES, self.image_size, "small discriminator")
         opts = dict(axis_name=self.axis_name, sn_init_steps=self.sn_init_steps)
         width = self.ch
         for _ in range(stages):

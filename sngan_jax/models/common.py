@@ -1,0 +1,30 @@
+"""Pieces the generators and discriminators share."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import flax.linen as nn
+import jax
+
+T = TypeVar("T")
+
+BN_MOMENTUM = 0.9  # running-average momentum of the generators' batch norm
+
+
+def by_image_size(table: dict[int, T], image_size: int, network: str) -> T:
+    """``table[image_size]``, or an error naming the sizes ``network`` supports."""
+    if image_size not in table:
+        raise ValueError(
+            f"the {network} is defined for image sizes {sorted(table)}, got "
+            f"{image_size}; resize the data or pick another model"
+        )
+    return table[image_size]
+
+
+def bn_relu(x: jax.Array, train: bool, axis_name: str | None) -> jax.Array:
+    """Batch norm (batch statistics when training) then ReLU; call in compact."""
+    bn = nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, axis_name=axis_name
+    )
+    return nn.relu(bn(x))
