@@ -31,7 +31,14 @@ def base() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
 
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.name = "cifar10"  # embedded: digits, ring2d, grid2d
+    config.dataset.name = (
+        "cifar10"  # a tfds name, image_folder, or digits/ring2d/grid2d
+    )
+    config.dataset.split = ""  # tfds split; empty: train (stl10: unlabelled)
+    config.dataset.data_dir = ""  # tfds data directory; empty: tfds's default
+    config.dataset.path = ""  # image_folder: the directory of images
+    config.dataset.cache_dir = ""  # image_folder: cache here, not beside the data
+    config.dataset.random_flip = False  # mirror real images at random (on device)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet"  # sndcgan, resnet, small or mlp

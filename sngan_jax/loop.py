@@ -46,14 +46,17 @@ def train_and_evaluate(
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
-    trainer = train.Trainer(config)
-    stream = data.create(
+    stream, info = data.create(
         config.dataset,
         config.batch_size,
         config.seed,
-        jax.process_index(),
-        jax.process_count(),
+        image_size=config.model.image_size,
+        channels=config.model.channels,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+    validate.check_data(config, info)
+    trainer = train.Trainer(config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     writer = writers.MetricWriter(workdir, enabled=is_main)
     state = _restore_or_init(trainer, ckpt, stream, writer)

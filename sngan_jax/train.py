@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from sngan_jax import layers, losses, models, optim
-from sngan_jax.data import to_model_input
+from sngan_jax.data import random_flip, to_model_input
 
 AXIS = "batch"
 Array = jax.Array
@@ -174,9 +174,12 @@ class Trainer:
 
     def d_update(self, state: TrainState, real_batch: Mapping[str, Array], key: Array):
         """One discriminator update; returns the new state and its metrics."""
+        z_key, gp_key, flip_key = jax.random.split(key, 3)
         real = to_model_input(real_batch["images"])
+        if self.config.dataset.random_flip:
+            flip = jax.random.bernoulli(flip_key, 0.5, (self.global_batch,))
+            real = random_flip(real, self._local_rows(flip, real.shape[0]))
         real_labels = real_batch.get("labels") if self.num_classes else None
-        z_key, gp_key = jax.random.split(key)
         z, fake_labels = self.draw_latents(z_key, real.shape[0])
         fake = self.generate(state, z, fake_labels)
         grad_fn = jax.grad(self.d_loss, has_aux=True)

@@ -12,10 +12,9 @@ class ConfigError(ValueError):
 
 
 def check(config: ml_collections.ConfigDict, device_count: int) -> None:
-    """Raises ``ConfigError`` or ``data.DataError`` for a config that cannot run."""
+    """Raises ``ConfigError`` for a config that cannot run, before any data is read."""
     _check_numbers(config, device_count)
     _check_names(config)
-    _check_data_fits_model(config)
 
 
 def _check_numbers(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -50,8 +49,9 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_data_fits_model(config: ml_collections.ConfigDict) -> None:
-    facts = data.describe(config.dataset)
+def check_data(config: ml_collections.ConfigDict, info: data.DataInfo) -> None:
+    """Raises ``ConfigError`` when the model cannot train on the data."""
+    facts = info._asdict()
     model = config.model
     if facts["kind"] == "points":
         if model.name != "mlp":

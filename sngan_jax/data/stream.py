@@ -10,6 +10,7 @@ with N / P devices each see the same global batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -59,24 +60,49 @@ class _Stream:
         raise NotImplementedError
 
 
-class ArrayStream(_Stream):
-    """Shuffled epochs over in-memory arrays (``images`` and optional ``labels``).
+class Source(Protocol):
+    """A random-access data set: its length and a batch of examples by index."""
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: np.ndarray) -> Batch: ...
+
+
+class ArraySource:
+    """In-memory arrays (``images`` and optional ``labels``) as a ``Source``."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+        sizes = {len(v) for v in self.arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"arrays of different lengths: {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class ShuffledStream(_Stream):
+    """Shuffled epochs over a ``Source``, infinite.
 
     Epoch ``e`` visits the examples in the order of a permutation seeded by
     ``(seed, e)``; batches run across epoch boundaries, so every batch is full.
+    Only this process's rows of each global batch are read.
     """
 
     def __init__(
         self,
-        arrays: Mapping[str, np.ndarray],
+        source: Source,
         global_batch: int,
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
     ):
         super().__init__(global_batch, seed, process_index, process_count)
-        self.arrays = dict(arrays)
-        self.size = len(next(iter(self.arrays.values())))
+        self.source = source
+        self.size = len(source)
         if self.size == 0:
             raise ValueError("the data set is empty")
         self._perm_cache: dict[int, np.ndarray] = {}
@@ -89,7 +115,8 @@ class ArrayStream(_Stream):
             self._perm_cache[epoch] = rng.permutation(self.size)
         return self._perm_cache[epoch]
 
-    def _global_batch_slice(self, b: int) -> Batch:
+    def indices(self, b: int) -> np.ndarray:
+        """Indices into the source of this process's rows of global batch ``b``."""
         positions = np.arange(b * self.global_batch, (b + 1) * self.global_batch)
         positions = positions[self._rows]
         epochs, offsets = np.divmod(positions, self.size)
@@ -97,7 +124,10 @@ class ArrayStream(_Stream):
         for epoch in np.unique(epochs):
             mask = epochs == epoch
             indices[mask] = self._permutation(int(epoch))[offsets[mask]]
-        return {k: v[indices] for k, v in self.arrays.items()}
+        return indices
+
+    def _global_batch_slice(self, b: int) -> Batch:
+        return self.source.get_batch(self.indices(b))
 
 
 class SamplerStream(_Stream):
