@@ -39,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
     config.dataset.path = ""  # image_folder: the directory of images
     config.dataset.cache_dir = ""  # image_folder: cache here, not beside the data
     config.dataset.random_flip = False  # mirror real images at random (on device)
+    config.dataset.preload_max_gb = 4.0  # tfds: decode into memory up to this size
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet"  # sndcgan, resnet, small or mlp

@@ -132,3 +132,40 @@ def test_a_few_training_steps_on_an_image_folder(cifar_jpeg_folder, tmp_path, ca
     # Conditional models see the class folders as labels.
     _, info = data.create(config.dataset, 8, 0, image_size=32)
     assert info == data.DataInfo("images", (32, 32, 3), 10)
+
+
+def test_the_input_benchmark_draws_real_batches():
+    from sngan_jax.data import benchmark
+
+    source = streams.ArraySource({"images": np.zeros((40, 4, 4, 3), np.uint8)})
+    rate = benchmark.images_per_second(source, batch_size=8, seconds=0.05)
+    assert rate > 0 and np.isfinite(rate)
+
+
+def test_preloaded_and_streamed_tfds_batches_are_the_same():
+    indices = np.array([7, 0, 19, 3])
+    with tfds.testing.mock_data(num_examples=20):
+        streamed = tfds_source.open_source(
+            tfds_dataset("cifar10", preload_max_gb=0), 32
+        )
+        preloaded = tfds_source.open_source(tfds_dataset("cifar10"), 32)
+        assert streamed.arrays is None and preloaded.arrays is not None
+        a, b = streamed.get_batch(indices), preloaded.get_batch(indices)
+    assert np.array_equal(a["images"], b["images"])
+    assert np.array_equal(a["labels"], b["labels"])
+
+
+def test_a_class_conditional_step_on_labelled_mock_data(tmp_path):
+    config = cifar10_sndcgan.get_config("C")
+    config.model.name = "resnet"
+    config.model.num_classes = 10
+    config.model.ch = 2
+    config.batch_size = 8
+    config.total_steps = 1
+    config.log_every = 1
+    config.sample_every = 1
+    config.checkpoint_every = 1
+    with tfds.testing.mock_data(num_examples=16):
+        state = loop.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 1
+    assert "embed" in state.d_params  # the projection term's class embedding
