@@ -40,12 +40,6 @@ def train_and_evaluate(
         raise ValueError("devices= is for single-process runs; use every device")
     num_devices = len(devices) if devices else jax.device_count()
     validate.check(config, num_devices)
-    is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
-
     stream, info = data.create(
         config.dataset,
         config.batch_size,
@@ -56,6 +50,12 @@ def train_and_evaluate(
         process_count=jax.process_count(),
     )
     validate.check_data(config, info)
+    is_main = jax.process_index() == 0
+    if is_main:  # only once the config has passed every check
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+
     trainer = train.Trainer(config)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     writer = writers.MetricWriter(workdir, enabled=is_main)
@@ -86,7 +86,7 @@ def _run(config, trainer, state, stream, ckpt, writer, devices) -> train.TrainSt
     # local devices would make each process train on its own.
     p_step = train.pmap_train_step(trainer, devices)
     num_local = len(devices) if devices else jax.local_device_count()
-    state = replicate(state, num_local)
+    state = to_devices(state, devices)
     first_step = int(state.step[0])
     clock = _Clock(config, first_step)
     pending = None
@@ -109,6 +109,17 @@ def _run(config, trainer, state, stream, ckpt, writer, devices) -> train.TrainSt
 def replicate(tree: Any, num_devices: int) -> Any:
     """Host arrays to arrays with a leading device axis, as pmap takes them."""
     return jax.tree.map(lambda x: np.broadcast_to(x, (num_devices, *np.shape(x))), tree)
+
+
+def to_devices(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Replicates host arrays onto the devices exactly as the step returns them.
+
+    The step's outputs carry a sharding named after its device axis; inputs
+    placed any other way would make the second step compile again.
+    """
+    num_local = len(devices) if devices else jax.local_device_count()
+    place = jax.pmap(lambda x: x, axis_name=train.AXIS, devices=devices)
+    return place(replicate(tree, num_local))
 
 
 def _unreplicate(tree: Any) -> Any:

@@ -18,6 +18,18 @@ def tfds_dataset(name, **fields):
     return dataset
 
 
+def tiny_cifar_config(steps):
+    """The standard CNN config at width 4, batch 8, logging every step."""
+    config = cifar10_sndcgan.get_config("C")
+    config.model.ch = 4
+    config.batch_size = 8
+    config.total_steps = steps
+    config.log_every = 1
+    config.sample_every = steps
+    config.checkpoint_every = steps
+    return config
+
+
 @pytest.mark.parametrize(
     "name,size,classes",
     [("cifar10", 32, 10), ("stl10", 48, 0), ("imagenet2012", 128, 1000)],
@@ -37,13 +49,7 @@ def test_tfds_sources_through_mock_data(name, size, classes):
 
 
 def test_a_few_training_steps_on_mock_cifar10(tmp_path):
-    config = cifar10_sndcgan.get_config("C")
-    config.model.ch = 4
-    config.batch_size = 8
-    config.total_steps = 2
-    config.log_every = 1
-    config.sample_every = 2
-    config.checkpoint_every = 2
+    config = tiny_cifar_config(2)
     config.dataset.random_flip = True
     with tfds.testing.mock_data(num_examples=16):
         state = loop.train_and_evaluate(config, str(tmp_path))
@@ -116,16 +122,10 @@ def test_random_flip_mirrors_only_the_chosen_images():
 
 
 def test_a_few_training_steps_on_an_image_folder(cifar_jpeg_folder, tmp_path, caplog):
-    config = cifar10_sndcgan.get_config("C")
+    config = tiny_cifar_config(2)
     config.dataset.name = "image_folder"
     config.dataset.path = str(cifar_jpeg_folder)
     config.dataset.cache_dir = str(tmp_path / "cache")
-    config.model.ch = 4
-    config.batch_size = 8
-    config.total_steps = 2
-    config.log_every = 1
-    config.checkpoint_every = 2
-    config.sample_every = 2
     state = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 2
     assert any("skipped 2 of 202 files" in r.getMessage() for r in caplog.records)
@@ -156,15 +156,10 @@ def test_preloaded_and_streamed_tfds_batches_are_the_same():
 
 
 def test_a_class_conditional_step_on_labelled_mock_data(tmp_path):
-    config = cifar10_sndcgan.get_config("C")
+    config = tiny_cifar_config(1)
     config.model.name = "resnet"
     config.model.num_classes = 10
     config.model.ch = 2
-    config.batch_size = 8
-    config.total_steps = 1
-    config.log_every = 1
-    config.sample_every = 1
-    config.checkpoint_every = 1
     with tfds.testing.mock_data(num_examples=16):
         state = loop.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 1

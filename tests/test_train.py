@@ -267,3 +267,30 @@ def test_shard_batches_splits_each_batch_across_devices():
     out = train.shard_batches(batches, 4)["images"]
     assert out.shape == (4, 3, 2)
     assert out[1, 2].tolist() == [22, 23]  # device 1, third D update
+
+
+def test_steps_after_the_first_do_not_compile_again():
+    compiles = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    config = tiny_ring()
+    trainer = train.Trainer(config)
+    state = loop.to_devices(trainer.init_state(0))
+    p_step = train.pmap_train_step(trainer)
+    stream, _ = data.create(config.dataset, config.batch_size, config.seed)
+    n = jax.local_device_count()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _ = p_step(state, train.shard_batches([next(stream)] * 5, n))
+        first = len(compiles)
+        for _ in range(3):
+            batch = train.shard_batches([next(stream) for _ in range(5)], n)
+            state, metrics = p_step(state, batch)
+        jax.block_until_ready(metrics)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1
+    assert len(compiles) == first
