@@ -137,3 +137,29 @@ def test_the_explore_notebook_runs(digits_run, monkeypatch):
     client.execute(cwd=REPO)  # raises CellExecutionError on any cell error
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_class_conditional_sampling(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from configs import cifar10_resnet
+
+    config = cifar10_resnet.get_config()
+    config.model.num_classes = 10
+    config.model.ch = 2
+    config.batch_size = 8
+    config.total_steps = 1
+    config.log_every = 1
+    config.sample_every = 1
+    config.checkpoint_every = 1
+    with tfds.testing.mock_data(num_examples=16):
+        loop.train_and_evaluate(config, str(tmp_path))
+    run = sngan_jax.load(str(tmp_path), ema=False)
+    same_class = run.sample(4, seed=0, labels=3)
+    per_sample = run.sample(4, seed=0, labels=[3, 3, 3, 3])
+    assert same_class.shape == (4, 32, 32, 3)
+    assert np.array_equal(same_class, per_sample)
+    assert not np.array_equal(same_class, run.sample(4, seed=0, labels=7))
+    assert np.array_equal(run.sample(4, seed=1), run.sample(4, seed=1))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        run.sample(2, labels=10)
