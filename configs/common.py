@@ -29,6 +29,7 @@ def base() -> ml_collections.ConfigDict:
     config.sample_every = 1000  # steps between sample grids
     config.checkpoint_every = 1000  # steps between checkpoints
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
+    config.allow_config_change = False  # resume a workdir despite a changed config
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = (

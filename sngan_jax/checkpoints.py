@@ -59,6 +59,11 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data, restored.config
 
+    def saved_config(self, step: int) -> dict:
+        """The config stored with checkpoint ``step``, without reading the state."""
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args).config
+
     def wait(self) -> None:
         """Blocks until every started save is on disk."""
         self.manager.wait_until_finished()

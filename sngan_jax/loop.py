@@ -50,6 +50,8 @@ def train_and_evaluate(
         process_count=jax.process_count(),
     )
     validate.check_data(config, info)
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    _check_resume(config, ckpt)
     is_main = jax.process_index() == 0
     if is_main:  # only once the config has passed every check
         os.makedirs(workdir, exist_ok=True)
@@ -57,7 +59,6 @@ def train_and_evaluate(
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
     trainer = train.Trainer(config)
-    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     writer = writers.MetricWriter(workdir, enabled=is_main)
     state = _restore_or_init(trainer, ckpt, stream, writer)
 
@@ -67,6 +68,14 @@ def train_and_evaluate(
         ckpt.wait()
         writer.close()
     return state
+
+
+def _check_resume(config, ckpt) -> None:
+    step = ckpt.latest_step()
+    if step is None:
+        return
+    for line in validate.check_resume(config, ckpt.saved_config(step)):
+        writers.console(f"warning: resuming with a changed config, {line}")
 
 
 def _restore_or_init(trainer, ckpt, stream, writer) -> train.TrainState:

@@ -77,3 +77,48 @@ def check_data(config: ml_collections.ConfigDict, info: data.DataInfo) -> None:
             f"model.num_classes={model.num_classes}, but data set "
             f"{config.dataset.name!r} has {facts['num_classes']} classes"
         )
+
+
+# Fields that may differ when a run resumes: schedules of logging and saving,
+# and the length of the run.
+RESUMABLE_CHANGES = (
+    "total_steps",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "allow_config_change",
+)
+
+
+def check_resume(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
+    """Compares a config with the one a checkpoint was trained with.
+
+    Returns the differences as ``field: saved -> new`` lines (only those outside
+    ``RESUMABLE_CHANGES``); raises ``ConfigError`` when there are any and
+    ``config.allow_config_change`` is false.
+    """
+    diffs = [
+        f"{key}: {old!r} -> {new!r}"
+        for key, old, new in _differences(saved, config.to_dict())
+        if key not in RESUMABLE_CHANGES
+    ]
+    if diffs and not config.allow_config_change:
+        raise ConfigError(
+            "the workdir holds a run trained with another config:\n  "
+            + "\n  ".join(diffs)
+            + "\nresume with the same config, pick another --workdir, or pass "
+            "--config.allow_config_change=True to resume anyway"
+        )
+    return diffs
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, list) and tuple(a) == b):
+            out.append((prefix + key, a, b))
+    return out

@@ -294,3 +294,22 @@ def test_steps_after_the_first_do_not_compile_again():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1
     assert len(compiles) == first
+
+
+def test_resuming_with_another_config_is_refused_unless_forced(tmp_path):
+    from sngan_jax.validate import ConfigError
+
+    loop.train_and_evaluate(tiny_ring(total_steps=2), str(tmp_path))
+    saved_json = (tmp_path / "config.json").read_text()
+
+    with pytest.raises(ConfigError) as error:
+        loop.train_and_evaluate(tiny_ring(total_steps=4, n_dis=2), str(tmp_path))
+    assert "n_dis: 5 -> 2" in str(error.value)
+    assert "allow_config_change=True" in str(error.value)
+    assert "total_steps" not in str(error.value)  # a longer run is fine
+    assert (tmp_path / "config.json").read_text() == saved_json
+    assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == [2]
+
+    forced = tiny_ring(total_steps=4, n_dis=2, allow_config_change=True)
+    state = loop.train_and_evaluate(forced, str(tmp_path))
+    assert int(state.step) == 4
