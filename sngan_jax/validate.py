@@ -51,9 +51,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 
 def check_data(config: ml_collections.ConfigDict, info: data.DataInfo) -> None:
     """Raises ``ConfigError`` when the model cannot train on the data."""
-    facts = info._asdict()
     model = config.model
-    if facts["kind"] == "points":
+    if info.kind == "points":
         if model.name != "mlp":
             raise ConfigError(
                 f"data set {config.dataset.name!r} is 2-D points; it needs "
@@ -61,21 +60,21 @@ def check_data(config: ml_collections.ConfigDict, info: data.DataInfo) -> None:
             )
     else:
         expected = (model.image_size, model.image_size, model.channels)
-        if tuple(facts["shape"]) != expected:
+        if tuple(info.shape) != expected:
             raise ConfigError(
                 f"data set {config.dataset.name!r} has images of shape "
-                f"{tuple(facts['shape'])}, but the model is set up for {expected} "
+                f"{tuple(info.shape)}, but the model is set up for {expected} "
                 f"(model.image_size, model.channels)"
             )
-    if model.num_classes and not facts["num_classes"]:
+    if model.num_classes and not info.num_classes:
         raise ConfigError(
             f"model.num_classes={model.num_classes} asks for a class-conditional "
             f"model, but data set {config.dataset.name!r} has no labels"
         )
-    if model.num_classes and model.num_classes != facts["num_classes"]:
+    if model.num_classes and model.num_classes != info.num_classes:
         raise ConfigError(
             f"model.num_classes={model.num_classes}, but data set "
-            f"{config.dataset.name!r} has {facts['num_classes']} classes"
+            f"{config.dataset.name!r} has {info.num_classes} classes"
         )
 
 
