@@ -30,6 +30,19 @@ def base() -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000  # steps between checkpoints
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
     config.allow_config_change = False  # resume a workdir despite a changed config
+    config.eval_every = 0  # steps between evaluations (FID etc.); 0 = never
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.protocol = "paper"  # paper (5k vs 10k test) or 50k (50k vs train)
+    config.eval.metrics = ""  # inception, digits, toy (comma-separated); empty = usual
+    config.eval.generator = ""  # ema or raw weights; empty = ema when the run has one
+    config.eval.real_split = ""  # tfds split of the real images; empty = protocol's
+    config.eval.num_generated = 0  # samples to score; 0 = the protocol's count
+    config.eval.num_real = 0  # real images (at most); 0 = the protocol's count
+    config.eval.inception_weights = ""  # .pth/.pickle/.npz path; empty = cache/download
+    config.eval.verify_weights = True  # refuse Inception weights of unknown checksum
+    config.eval.batch_per_device = 100  # images per device in each feature batch
+    config.eval.best_metric = ""  # lower is better; picks best/; empty = the first FID
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = (

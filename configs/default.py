@@ -16,6 +16,7 @@ def get_config():
     config.log_every = 200
     config.sample_every = 1000
     config.checkpoint_every = 1000
+    config.eval_every = 1000  # digits FID/IS and classes covered (offline)
 
     config.dataset.name = "digits"
 

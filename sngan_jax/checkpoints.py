@@ -16,17 +16,21 @@ import orbax.checkpoint as ocp
 ITEMS = ("state", "data", "config")
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: str, name: str = "checkpoints") -> str:
+    return os.path.join(os.path.abspath(workdir), name)
 
 
 class Checkpointer:
-    """Keeps the last ``keep`` checkpoints of a workdir."""
+    """Keeps the last ``keep`` checkpoints of a workdir.
 
-    def __init__(self, workdir: str, keep: int = 3):
+    ``name`` is the folder: ``checkpoints`` for the latest ones, ``best`` for
+    the one with the best evaluation score.
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, name: str = "checkpoints"):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_names=ITEMS
+            checkpoint_dir(workdir, name), options=options, item_names=ITEMS
         )
 
     def latest_step(self) -> int | None:

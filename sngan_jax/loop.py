@@ -4,6 +4,8 @@ It resumes from the workdir's latest checkpoint when there is one, feeds
 ``n_dis`` real batches per step to the pmapped step function, reads each
 step's metrics after the next step is dispatched (so the devices never wait
 for logging), and writes metrics, samples and checkpoints on their schedules.
+Every ``eval_every`` steps it scores the generator (``config.eval``) and keeps
+the checkpoint with the best score in ``<workdir>/best``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from sngan_jax import checkpoints, data, images, train, validate, writers
-from sngan_jax.evaluation import toy
+from sngan_jax.evaluation import evaluator, records, toy
 
 NUM_SAMPLES = 64  # images in a sample grid
 NUM_POINTS = 2500  # points scored and drawn for the 2-D mixtures
@@ -58,14 +60,17 @@ def train_and_evaluate(
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
+    scorer = _Scorer(config, workdir) if config.eval_every else None
     trainer = train.Trainer(config)
     writer = writers.MetricWriter(workdir, enabled=is_main)
     state = _restore_or_init(trainer, ckpt, stream, writer)
 
     try:
-        state = _run(config, trainer, state, stream, ckpt, writer, devices)
+        state = _run(config, trainer, state, stream, ckpt, writer, devices, scorer)
     finally:
         ckpt.wait()
+        if scorer is not None:
+            scorer.close()
         writer.close()
     return state
 
@@ -90,7 +95,9 @@ def _restore_or_init(trainer, ckpt, stream, writer) -> train.TrainState:
     return state
 
 
-def _run(config, trainer, state, stream, ckpt, writer, devices) -> train.TrainState:
+def _run(
+    config, trainer, state, stream, ckpt, writer, devices, scorer
+) -> train.TrainState:
     # devices=None lets pmap span every device of every process; a list of
     # local devices would make each process train on its own.
     p_step = train.pmap_train_step(trainer, devices)
@@ -110,6 +117,8 @@ def _run(config, trainer, state, stream, ckpt, writer, devices) -> train.TrainSt
             _write_samples(config, trainer, writer, state, step)
         if step % config.checkpoint_every == 0 or step == config.total_steps:
             _save(config, ckpt, state, stream)
+        if scorer and (step % config.eval_every == 0 or step == config.total_steps):
+            scorer.score(trainer, writer, state, stream, step)
     if pending is not None:
         _log(config, writer, clock, *pending)
     return _unreplicate(state)
@@ -237,6 +246,65 @@ def _write_samples(config, trainer, writer, state, step: int) -> None:
     scale = max(1, 32 // fake.shape[1])  # small images are hard to see
     writer.write_image(step, images.image_grid(fake, ncol=8, scale=scale))
     writer.flush()
+
+
+class _Scorer:
+    """Evaluation during training, and the best checkpoint by its score.
+
+    Only process 0 scores; the decision to save a new best checkpoint is then
+    shared, because every process takes part in saving one.
+    """
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.evaluator = None
+        if jax.process_index() == 0:
+            self.evaluator = evaluator.Evaluator(config)
+            # Fail now, not after hours of training, when scoring cannot work.
+            errors = self.evaluator.prepare()
+            if errors:
+                raise evaluator.EvaluationError(errors)
+        self.best = records.Best(workdir, config.eval.best_metric)
+        self.ckpt = checkpoints.Checkpointer(workdir, keep=1, name="best")
+
+    def score(self, trainer, writer, state, stream, step: int) -> None:
+        is_best = False
+        if self.evaluator is not None:
+            g_params, batch_stats, generator = _eval_params(self.config, state)
+
+            def generate(z, labels):
+                y = None if labels is None else jnp.asarray(labels)
+                out = np.asarray(trainer.sample(g_params, batch_stats, z, y))
+                return out if self.config.model.name == "mlp" else images.to_uint8(out)
+
+            record = self.evaluator.evaluate(generate, step, generator)
+            records.write(self.workdir, record)
+            writer.write_scalars(step, records.scalars(record))
+            writers.console(evaluator.summary(record))
+            is_best = self.best.update(record)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            is_best = bool(multihost_utils.broadcast_one_to_all(np.int32(is_best)))
+        if is_best:
+            _save(self.config, self.ckpt, state, stream)
+
+    def close(self) -> None:
+        self.ckpt.wait()
+        self.ckpt.close()
+
+
+def _eval_params(config, state) -> tuple[Any, Any, str]:
+    """The generator weights ``config.eval.generator`` asks for, and their name."""
+    use_ema = config.eval.generator == "ema" or (
+        not config.eval.generator and state.g_ema_params is not None
+    )
+    g = state.g_ema_params if use_ema else state.g_params
+    return (
+        _unreplicate(g),
+        _unreplicate(state.g_batch_stats),
+        "ema" if use_ema else "raw",
+    )
 
 
 def _centers(config) -> np.ndarray:

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sngan_jax import data, loop, validate, writers
+from sngan_jax.evaluation.evaluator import EvaluationError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -58,7 +59,12 @@ def main(argv: list[str]) -> None:
     )
     try:
         loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (validate.ConfigError, data.DataError, FloatingPointError) as e:
+    except (
+        validate.ConfigError,
+        data.DataError,
+        EvaluationError,
+        FloatingPointError,
+    ) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -21,31 +21,38 @@ from sngan_jax import checkpoints, layers, models, spectral
 from sngan_jax.images import to_uint8
 
 
-def load(path: str, step: int | None = None, ema: bool = True) -> Run:
+def load(
+    path: str, step: int | None = None, ema: bool = True, best: bool = False
+) -> Run:
     """Opens the run in ``path`` (a workdir or its ``checkpoints`` folder).
 
     ``step`` picks a checkpoint (default: the latest). ``ema`` uses the
     generator's moving average; a run trained without one falls back to the
-    raw weights with a warning.
+    raw weights with a warning. ``best`` opens the checkpoint with the best
+    evaluation score instead (kept when the run evaluated during training).
     """
-    return Run(path, step, ema)
+    return Run(path, step, ema, best)
 
 
 class Run:
     """One checkpoint of a run: its config, generator and discriminator."""
 
-    def __init__(self, path: str, step: int | None = None, ema: bool = True):
+    def __init__(
+        self, path: str, step: int | None = None, ema: bool = True, best: bool = False
+    ):
         path = os.path.abspath(os.path.expanduser(path))
-        if os.path.basename(path) == "checkpoints":
+        if os.path.basename(path) in ("checkpoints", "best"):
             path = os.path.dirname(path)
-        if not os.path.isdir(checkpoints.checkpoint_dir(path)):
+        folder = "best" if best else "checkpoints"
+        if not os.path.isdir(checkpoints.checkpoint_dir(path, folder)):
             raise FileNotFoundError(
-                f"no checkpoints under {path}; pass a training workdir "
+                f"no {folder} checkpoint under {path}; pass a training workdir "
                 f"(the --workdir of sngan_jax.main)"
+                + (" of a run with eval_every > 0" if best else "")
             )
         self.workdir = path
         self.ema = ema
-        self._ckpt = checkpoints.Checkpointer(path)
+        self._ckpt = checkpoints.Checkpointer(path, name=folder)
         self.load_step(step)
 
     def steps_available(self) -> list[int]:
@@ -227,6 +234,24 @@ class Run:
             kernel = node["kernel"] if "kernel" in node else node["embedding"]
             out.append((name, np.asarray(kernel), float(sigma)))
         return out
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A saved config with the fields added since it was saved, at their defaults."""
+    from configs import common
+
+    merged = common.base()
+    _merge(merged, config.to_dict())
+    return merged
+
+
+def _merge(target: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and key in target:
+            _merge(target[key], value)
+        else:
+            with target.ignore_type():
+                target[key] = value
 
 
 def _slerp(z0: np.ndarray, z1: np.ndarray, t: np.ndarray) -> np.ndarray:

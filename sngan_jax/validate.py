@@ -15,6 +15,33 @@ def check(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Raises ``ConfigError`` for a config that cannot run, before any data is read."""
     _check_numbers(config, device_count)
     _check_names(config)
+    check_eval(config)
+
+
+def check_eval(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` for ``config.eval`` fields that cannot work."""
+    from sngan_jax.evaluation import evaluator, protocol
+
+    if config.eval.protocol not in protocol.PROTOCOLS:
+        raise ConfigError(
+            f"unknown eval.protocol {config.eval.protocol!r}; "
+            f"choose one of {sorted(protocol.PROTOCOLS)}"
+        )
+    try:
+        evaluator.metric_families(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.eval.generator not in ("", "ema", "raw"):
+        raise ConfigError(
+            f"eval.generator must be ema, raw or empty, got {config.eval.generator!r}"
+        )
+    if config.eval.generator == "ema" and not config.ema_decay:
+        raise ConfigError(
+            "eval.generator='ema' but the run keeps no moving average (ema_decay=0); "
+            "set ema_decay (e.g. 0.999) or eval.generator='raw'"
+        )
+    if config.eval_every < 0 or config.eval.batch_per_device < 1:
+        raise ConfigError("eval_every must be >= 0 and eval.batch_per_device >= 1")
 
 
 def _check_numbers(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -78,10 +105,11 @@ def check_data(config: ml_collections.ConfigDict, info: data.DataInfo) -> None:
         )
 
 
-# Fields that may differ when a run resumes: schedules of logging and saving,
-# and the length of the run.
+# Fields that may differ when a run resumes: schedules of logging, saving and
+# evaluation, the length of the run, and everything under eval.
 RESUMABLE_CHANGES = (
     "total_steps",
+    "eval_every",
     "log_every",
     "sample_every",
     "checkpoint_every",
@@ -100,7 +128,7 @@ def check_resume(config: ml_collections.ConfigDict, saved: dict) -> list[str]:
     diffs = [
         f"{key}: {old!r} -> {new!r}"
         for key, old, new in _differences(saved, config.to_dict())
-        if key not in RESUMABLE_CHANGES
+        if key not in RESUMABLE_CHANGES and not key.startswith("eval.")
     ]
     if diffs and not config.allow_config_change:
         raise ConfigError(

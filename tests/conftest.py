@@ -6,10 +6,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tarfile  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Caches (the digits classifier, reference statistics) go to one temporary
+# folder per test session, never to the user's ~/.cache; subprocesses inherit it.
+os.environ["SNGAN_JAX_CACHE"] = tempfile.mkdtemp(prefix="sngan_jax_cache_")
+atexit.register(shutil.rmtree, os.environ["SNGAN_JAX_CACHE"], ignore_errors=True)
+# Inception weights in torch's cache must not be found by accident either.
+os.environ["TORCH_HOME"] = os.path.join(os.environ["SNGAN_JAX_CACHE"], "torch")
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/cifar10_jpeg.tar.gz"
 

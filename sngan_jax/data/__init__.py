@@ -63,12 +63,13 @@ def create(
         return SamplerStream(sample, global_batch, seed, **where), DataInfo(
             "points", (2,), 0
         )
-    source, num_classes = _image_source(dataset, image_size, channels)
+    source, num_classes = image_source(dataset, image_size, channels)
     info = DataInfo("images", source.get_batch([0])["images"].shape[1:], num_classes)
     return ShuffledStream(source, global_batch, seed, **where), info
 
 
-def _image_source(dataset: Mapping[str, Any], image_size: int, channels: int):
+def image_source(dataset: Mapping[str, Any], image_size: int, channels: int):
+    """``(source, num_classes)``: random access to the images of ``dataset``."""
     name = dataset["name"]
     if name == "digits":
         images, labels = embedded.load_digits()
