@@ -45,10 +45,12 @@ class Run:
             path = os.path.dirname(path)
         folder = "best" if best else "checkpoints"
         if not os.path.isdir(checkpoints.checkpoint_dir(path, folder)):
+            what = (
+                "best checkpoint (kept when eval_every > 0)" if best else "checkpoints"
+            )
             raise FileNotFoundError(
-                f"no {folder} checkpoint under {path}; pass a training workdir "
+                f"no {what} under {path}; pass a training workdir "
                 f"(the --workdir of sngan_jax.main)"
-                + (" of a run with eval_every > 0" if best else "")
             )
         self.workdir = path
         self.ema = ema

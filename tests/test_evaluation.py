@@ -13,9 +13,9 @@ import pytest
 
 import sngan_jax
 from configs import default, ring2d
-from sngan_jax import loop
+from sngan_jax import data, loop
 from sngan_jax.data import embedded
-from sngan_jax.evaluation import digits, evaluator, protocol, records
+from sngan_jax.evaluation import digits, evaluator, protocol, records, reference
 from sngan_jax.evaluation.features import FeatureExtractor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,3 +260,89 @@ def test_evaluate_command_on_a_missing_run_is_a_clear_error(tmp_path):
     result = run_evaluate([f"--workdir={tmp_path}"])
     assert result.returncode == 1
     assert "no checkpoints" in result.stderr and "Traceback" not in result.stderr
+
+
+def _random_inception_weights(path):
+    from sngan_jax.evaluation import weights
+
+    rng = np.random.default_rng(0)
+    flat = {}
+    for name, shape in weights.expected_shapes().items():
+        if name.endswith("/var"):
+            flat[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif name.endswith("/scale"):
+            flat[name] = np.ones(shape, np.float32)
+        elif name.endswith("kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            flat[name] = rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+        else:
+            flat[name] = np.zeros(shape, np.float32)
+    params = weights._unflatten(flat)
+    weights.save_converted(str(path), params, source_sha256="0" * 64)
+    return path
+
+
+def test_inception_scores_with_their_protocol(cifar_jpeg_folder, tmp_path, monkeypatch):
+    config = default.get_config()
+    config.dataset.name = "image_folder"
+    config.dataset.path = str(cifar_jpeg_folder)
+    config.dataset.cache_dir = str(tmp_path / "folder_cache")
+    config.model.image_size, config.model.channels = 32, 3
+    config.eval.metrics = "inception"
+    config.eval.inception_weights = str(
+        _random_inception_weights(tmp_path / "random_inception.npz")
+    )
+    config.eval.num_generated, config.eval.num_real = 40, 60
+    config.eval.batch_per_device = 4
+
+    # Published checksums only, unless told otherwise.
+    refused = evaluator.Evaluator(config).prepare()
+    assert "sha256 " + "0" * 64 in refused["inception"]
+    assert "--verify_weights=false" in refused["inception"]
+
+    config.eval.verify_weights = False
+    ev = evaluator.Evaluator(config)
+    assert ev.prepare() == {}
+    real, _ = data.image_source(config.dataset, 32, 3)
+    real_images = real.get_batch(np.arange(len(real)))["images"]
+    rng = np.random.default_rng(0)
+
+    def real_like(z, labels):  # other real images than the reference's first 60
+        pick = np.random.default_rng(1).integers(len(real_images) - 60, size=len(z))
+        return real_images[60 + pick]
+
+    def noise(z, labels):
+        return rng.integers(0, 256, (len(z), 32, 32, 3), np.uint8)
+
+    good = ev.evaluate(real_like, 3, "raw")
+    bad = ev.evaluate(noise, 3, "raw")
+    assert good["errors"] == {} and set(good["scores"]) == {
+        "inception/fid",
+        "inception/is_mean",
+        "inception/is_std",
+        "inception/kid_mean",
+        "inception/kid_std",
+    }
+    assert good["scores"]["inception/fid"] < bad["scores"]["inception/fid"]
+    assert good["scores"]["inception/kid_mean"] < bad["scores"]["inception/kid_mean"]
+    about = good["protocol"]["inception"]
+    assert about["real"]["features"] == {
+        "network": "inception-v3-fid (pytorch-fid port)",
+        "sha256": "0" * 64,
+        "verified": False,
+    }
+    assert (about["real"]["num_real"], about["real"]["split"]) == (60, "all")
+    assert good["protocol"]["num_generated"] == 40
+
+    # The reference statistics are computed once, then read from the cache.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reference statistics computed again")
+
+    monkeypatch.setattr(reference, "_compute", must_not_run)
+    again = evaluator.Evaluator(config)
+    assert again.prepare() == {}
+    np.testing.assert_allclose(
+        again.evaluate(real_like, 3, "raw")["scores"]["inception/is_mean"],
+        good["scores"]["inception/is_mean"],
+        rtol=1e-6,
+    )

@@ -65,8 +65,14 @@ def test_default_command_writes_the_whole_workdir(tmp_path):
 
     config = json.loads((workdir / "config.json").read_text())
     assert config["total_steps"] == 4 and config["model"]["ch"] == 8
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    records = [r for r in lines if "d_loss" in r]
     assert [r["step"] for r in records] == [2, 4]
+    # The default config scores the digits at the end (eval_every or not).
+    (scored,) = [r for r in lines if "eval/digits/fid" in r]
+    assert scored["step"] == 4 and scored["eval_protocol"]["name"] == "paper"
+    assert (workdir / "eval" / "0000004.json").exists()
+    assert "digits: FID" in result.stdout
     for key in (
         "d_loss",
         "g_loss",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -129,9 +130,12 @@ class Evaluator:
             raise Unavailable(str(e)) from e
 
         def features(params, images):
-            return inception.InceptionV3().apply(
-                {"params": params}, inception.preprocess(images)
-            )
+            # Full float32 everywhere: GPUs would otherwise use TF32 for the
+            # convolutions and move the features away from the reference's.
+            with jax.default_matmul_precision("highest"):
+                return inception.InceptionV3().apply(
+                    {"params": params}, inception.preprocess(images)
+                )
 
         extractor = self._extractor(features, params)
         meta = {
