@@ -91,3 +91,41 @@ def apply_setting(config: ml_collections.ConfigDict, setting: str) -> None:
     config.optimizer.lr, config.optimizer.b1, config.optimizer.b2 = lr, b1, b2
     config.n_dis = n_dis
     config.optimizer.decay = "none"
+
+
+# The discriminator normalizations the paper compares, as config overrides.
+# Gradient penalty (WGAN-GP) pairs the penalty with the Wasserstein loss and
+# no normalization; the others keep the config's loss.
+METHODS = {
+    "spectral": {"model.d_norm": "spectral"},
+    "weight": {"model.d_norm": "weight"},
+    "layer": {"model.d_norm": "layer"},
+    "batch": {"model.d_norm": "batch"},
+    "gp": {"model.d_norm": "none", "loss.name": "wasserstein", "loss.gp_weight": 10.0},
+    "none": {"model.d_norm": "none"},
+}
+
+
+def setting_overrides(setting: str) -> dict:
+    """Adam setting A-F of the paper's Table 1 as sweep overrides."""
+    lr, b1, b2, n_dis = ADAM_SETTINGS[setting]
+    return {
+        "optimizer.lr": lr,
+        "optimizer.b1": b1,
+        "optimizer.b2": b2,
+        "n_dis": n_dis,
+        "optimizer.decay": "none",
+    }
+
+
+def robustness_sweep() -> list[dict]:
+    """Settings A-F crossed with every method of ``METHODS``: 36 points."""
+    return [
+        {
+            "labels": {"setting": setting, "method": method},
+            **setting_overrides(setting),
+            **overrides,
+        }
+        for method, overrides in METHODS.items()
+        for setting in ADAM_SETTINGS
+    ]

@@ -53,14 +53,14 @@ def train_and_evaluate(
     )
     validate.check_data(config, info)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    _check_resume(config, ckpt)
+    check_resume(config, ckpt)
     is_main = jax.process_index() == 0
     if is_main:  # only once the config has passed every check
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
-    scorer = _Scorer(config, workdir) if config.eval_every else None
+    scorer = Scorer(config, workdir) if config.eval_every else None
     trainer = train.Trainer(config)
     writer = writers.MetricWriter(workdir, enabled=is_main)
     state = _restore_or_init(trainer, ckpt, stream, writer)
@@ -75,7 +75,8 @@ def train_and_evaluate(
     return state
 
 
-def _check_resume(config, ckpt) -> None:
+def check_resume(config, ckpt) -> None:
+    """Warns about (or refuses, see validate) a changed config on resume."""
     step = ckpt.latest_step()
     if step is None:
         return
@@ -104,24 +105,24 @@ def _run(
     num_local = len(devices) if devices else jax.local_device_count()
     state = to_devices(state, devices)
     first_step = int(state.step[0])
-    clock = _Clock(config, first_step)
+    clock = Clock(config, first_step)
     pending = None
     for step in range(first_step + 1, config.total_steps + 1):
         batches = [next(stream) for _ in range(config.n_dis)]
         state, metrics = p_step(state, train.shard_batches(batches, num_local))
         if pending is not None:
-            _log(config, writer, clock, *pending)
+            log_metrics(config, writer, clock, *pending)
         pending = (step, metrics) if step % config.log_every == 0 else None
         clock.tick(step)
         if step % config.sample_every == 0 or step == config.total_steps:
-            _write_samples(config, trainer, writer, state, step)
+            write_samples(config, trainer, writer, state, step)
         if step % config.checkpoint_every == 0 or step == config.total_steps:
-            _save(config, ckpt, state, stream)
+            save_checkpoint(config, ckpt, state, stream)
         if scorer and (step % config.eval_every == 0 or step == config.total_steps):
             scorer.score(trainer, writer, state, stream, step)
     if pending is not None:
-        _log(config, writer, clock, *pending)
-    return _unreplicate(state)
+        log_metrics(config, writer, clock, *pending)
+    return unreplicate(state)
 
 
 def replicate(tree: Any, num_devices: int) -> Any:
@@ -140,7 +141,7 @@ def to_devices(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     return place(replicate(tree, num_local))
 
 
-def _unreplicate(tree: Any) -> Any:
+def unreplicate(tree: Any) -> Any:
     """The first local device's copy of a replicated pytree, as host arrays.
 
     Reads only this process's own shard: with several processes the arrays
@@ -149,13 +150,13 @@ def _unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
-def _save(config, ckpt, state, stream) -> None:
-    host_state = _unreplicate(state)
+def save_checkpoint(config, ckpt, state, stream) -> None:
+    host_state = unreplicate(state)
     step = int(host_state.step)
     ckpt.save(step, host_state, stream.get_state(), config.to_dict())
 
 
-class _Clock:
+class Clock:
     """Throughput and ETA, skipping the first step (compilation)."""
 
     def __init__(self, config, first_step: int):
@@ -183,8 +184,8 @@ class _Clock:
         return steps_per_s * self.images_per_step, (self.total - step) / steps_per_s
 
 
-def _log(config, writer, clock, step: int, metrics) -> None:
-    metrics = {k: float(v) for k, v in _unreplicate(metrics).items()}
+def log_metrics(config, writer, clock, step: int, metrics) -> None:
+    metrics = {k: float(v) for k, v in unreplicate(metrics).items()}
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
         raise FloatingPointError(
@@ -218,10 +219,10 @@ def _duration(seconds: float) -> str:
 
 def _sample_params(state: train.TrainState) -> tuple[Any, Any]:
     g = state.g_ema_params if state.g_ema_params is not None else state.g_params
-    return _unreplicate(g), _unreplicate(state.g_batch_stats)
+    return unreplicate(g), unreplicate(state.g_batch_stats)
 
 
-def _write_samples(config, trainer, writer, state, step: int) -> None:
+def write_samples(config, trainer, writer, state, step: int) -> None:
     if not writer.enabled:
         return
     g_params, batch_stats = _sample_params(state)
@@ -248,7 +249,7 @@ def _write_samples(config, trainer, writer, state, step: int) -> None:
     writer.flush()
 
 
-class _Scorer:
+class Scorer:
     """Evaluation during training, and the best checkpoint by its score.
 
     Only process 0 scores; the decision to save a new best checkpoint is then
@@ -287,7 +288,7 @@ class _Scorer:
 
             is_best = bool(multihost_utils.broadcast_one_to_all(np.int32(is_best)))
         if is_best:
-            _save(self.config, self.ckpt, state, stream)
+            save_checkpoint(self.config, self.ckpt, state, stream)
 
     def close(self) -> None:
         self.ckpt.wait()
@@ -301,8 +302,8 @@ def _eval_params(config, state) -> tuple[Any, Any, str]:
     )
     g = state.g_ema_params if use_ema else state.g_params
     return (
-        _unreplicate(g),
-        _unreplicate(state.g_batch_stats),
+        unreplicate(g),
+        unreplicate(state.g_batch_stats),
         "ema" if use_ema else "raw",
     )
 

@@ -46,12 +46,60 @@ def clip_weights(bound: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+# Adam's hyperparameters that live in the optimizer state as arrays (through
+# optax.inject_hyperparams), so runs that differ only in them can be vmapped
+# over a stack of states: one compiled program trains every sweep point.
+HYPERPARAMS = ("lr", "b1", "b2", "eps")
+
+
 def create(
     opt: Mapping[str, Any], total_steps: int, updates_per_step: int, clip: float = 0.0
 ) -> optax.GradientTransformation:
-    """Adam with the configured betas and schedule; optionally weight clipping."""
-    lr = learning_rate(opt, total_steps, updates_per_step)
-    tx = optax.adam(lr, b1=opt["b1"], b2=opt["b2"], eps=opt["eps"])
+    """Adam with the configured betas and schedule; optionally weight clipping.
+
+    The learning rate is ``lr`` times the decay schedule's factor; ``lr``,
+    ``b1``, ``b2`` and ``eps`` are state (see ``set_hyperparams``).
+    """
+    schedule = learning_rate({**opt, "lr": 1.0}, total_steps, updates_per_step)
+
+    def adam(lr, b1, b2, eps):
+        return optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            optax.scale_by_learning_rate(_times(schedule, lr)),
+        )
+
+    tx = optax.inject_hyperparams(adam)(
+        lr=opt["lr"], b1=opt["b1"], b2=opt["b2"], eps=opt["eps"]
+    )
     if clip > 0:
         tx = optax.chain(tx, clip_weights(clip))
     return tx
+
+
+def _times(schedule, lr):
+    if callable(schedule):
+        return lambda count: lr * schedule(count)
+    return lr * schedule
+
+
+def hyperparams(opt_state: Any) -> dict[str, Any]:
+    """The injected Adam hyperparameters of an optimizer state made by ``create``."""
+    return _injected(opt_state).hyperparams
+
+
+def set_hyperparams(opt_state: Any, values: Mapping[str, Any]) -> Any:
+    """``opt_state`` with Adam's ``lr``/``b1``/``b2``/``eps`` replaced by ``values``."""
+    inner = _injected(opt_state)
+    new = {**inner.hyperparams}
+    for name, value in values.items():
+        new[name] = jnp.asarray(value, jnp.asarray(new[name]).dtype)
+    inner = inner._replace(hyperparams=new)
+    if isinstance(opt_state, tuple) and not hasattr(opt_state, "hyperparams"):
+        return (inner, *opt_state[1:])  # chained with weight clipping
+    return inner
+
+
+def _injected(opt_state: Any) -> Any:
+    if hasattr(opt_state, "hyperparams"):
+        return opt_state
+    return opt_state[0]

@@ -305,11 +305,21 @@ def shard_batches(batches: list[Mapping[str, Any]], num_devices: int) -> dict:
     return out
 
 
-def pmap_train_step(trainer: Trainer, devices: Sequence[jax.Device] | None = None):
-    """The per-device step under ``jax.pmap`` over ``devices`` (all local ones)."""
-    return jax.pmap(
-        trainer.train_step, axis_name=AXIS, devices=devices, donate_argnums=(0,)
-    )
+def pmap_train_step(
+    trainer: Trainer,
+    devices: Sequence[jax.Device] | None = None,
+    vectorized: bool = False,
+):
+    """The per-device step under ``jax.pmap`` over ``devices`` (all local ones).
+
+    ``vectorized``: the state has a leading axis of sweep points (states that
+    differ in their optimizer hyperparameters) and every point trains on the
+    same batch; the step is vmapped over that axis inside pmap.
+    """
+    step = trainer.train_step
+    if vectorized:
+        step = jax.vmap(step, in_axes=(0, None))
+    return jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0,))
 
 
 def param_count(params: Any) -> int:

@@ -104,7 +104,7 @@ def test_gradients_agree_across_device_counts():
     for n in (1, 4):
         p_grads = jax.pmap(grads, train.AXIS, devices=jax.local_devices()[:n])
         shards = real.reshape(n, -1, *real.shape[1:])
-        results.append(loop._unreplicate(p_grads(loop.replicate(state, n), shards)))
+        results.append(loop.unreplicate(p_grads(loop.replicate(state, n), shards)))
     assert_trees_close(results[0], results[1], rtol=1e-5)
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(results[0])) > 1e-3
 
