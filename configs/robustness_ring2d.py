@@ -14,9 +14,9 @@ from configs import common, ring2d
 
 def get_config():
     config = ring2d.get_config()
-    config.total_steps = 2000
+    config.total_steps = 4000
     config.log_every = 250
-    config.sample_every = 2000
+    config.sample_every = 2000  # modes are scored at 2000 and 4000 steps
     config.checkpoint_every = 2000
     config.keep_checkpoints = 1
     return config

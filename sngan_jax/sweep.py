@@ -10,7 +10,8 @@ point's own.
 
 A finished (or diverged) point is recorded in ``<point>/sweep_status.json``
 and skipped when the sweep runs again, so a stopped sweep resumes where it
-was; an unfinished point resumes from its checkpoint. Points that differ only
+was; an unfinished point resumes from its checkpoint, and so does a finished
+one when ``total_steps`` has been raised since. Points that differ only
 in Adam's hyperparameters are trained together in one vectorized program
 (``vectorized.py``) unless ``--vectorize=false``.
 
@@ -141,7 +142,7 @@ def _load_module(path: str):
 
 def run(points: Sequence[Point], root: str, vectorize: bool = True) -> list[dict]:
     """Trains every point that has not finished; returns the summary rows."""
-    todo = [p for p in points if read_status(p.workdir(root)) is None]
+    todo = [p for p in points if not _done(p, root)]
     if len(todo) < len(points):
         writers.console(f"{len(points) - len(todo)} of {len(points)} points done")
     for group in _groups(todo, vectorize):
@@ -156,6 +157,20 @@ def run(points: Sequence[Point], root: str, vectorize: bool = True) -> list[dict
     rows = [summary_row(p, root) for p in points]
     write_summary(rows, root)
     return rows
+
+
+def _done(point: Point, root: str) -> bool:
+    """Diverged, or finished at (or past) the point's ``total_steps``.
+
+    A point finished with fewer steps than its config now asks for is trained
+    on from its checkpoint.
+    """
+    status = read_status(point.workdir(root))
+    if status is None:
+        return False
+    return status["status"] == "diverged" or (
+        status["step"] >= point.config.total_steps
+    )
 
 
 def _groups(points: Sequence[Point], vectorize: bool) -> list[list[Point]]:

@@ -139,6 +139,13 @@ def test_a_stopped_sweep_resumes_without_retraining_finished_points(
     assert trained == ["0.003-0.9", "0.003-0.999"]  # the first two were not retrained
     assert [r["status"] for r in rows] == ["finished"] * 4
     assert all(r["step"] == 6 for r in rows)
+    # Raising total_steps trains the finished points on from their checkpoints
+    # (the last at step 6), together again.
+    longer = points_of(write_config(tmp_path, steps=9, name="longer.py"))
+    trained.clear()
+    rows = sweep.run(longer, root, vectorize=True)
+    assert trained == []  # one vectorized group, not one by one
+    assert [r["step"] for r in rows] == [9] * 4
     for name in ("summary.csv", "summary.md", "summary.png"):
         assert os.path.getsize(os.path.join(root, name)) > 0
     with open(os.path.join(root, "summary.csv")) as f:
@@ -208,3 +215,47 @@ def test_sweep_command_applies_its_overrides_to_every_point(tmp_path):
         [*cmd[:5], "--only=nope"], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert bad.returncode == 1 and "unknown points ['nope']" in bad.stderr
+
+
+def test_vectorized_convolutional_points_equal_sequential_ones(tmp_path):
+    # vmap turns the points' convolutions into batched ones; the digits model
+    # (convolutions, batch norm in G, EMA) must still match point by point.
+    path = tmp_path / "digits_sweep.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            from configs import default
+
+
+            def get_config():
+                config = default.get_config()
+                config.total_steps = 4
+                config.checkpoint_every = 4
+                config.sample_every = 100
+                config.log_every = 2
+                config.eval_every = 0
+                config.model.ch = 8
+                config.optimizer.eps = 1e-3
+                return config
+
+
+            def get_sweep():
+                return [
+                    {"optimizer.lr": 1e-3},
+                    {"optimizer.lr": 2e-3, "optimizer.b1": 0.0},
+                ]
+            """
+        )
+    )
+    points = points_of(str(path))
+    sweep.run(points, str(tmp_path / "vec"), vectorize=True)
+    sweep.run(points, str(tmp_path / "seq"), vectorize=False)
+    for point in points:
+        vec = final_params(point.workdir(str(tmp_path / "vec")))
+        seq = final_params(point.workdir(str(tmp_path / "seq")))
+        for a, b in zip(
+            jax.tree.leaves((vec["g"], vec["d"])),
+            jax.tree.leaves((seq["g"], seq["d"])),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
