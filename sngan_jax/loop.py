@@ -42,23 +42,12 @@ def train_and_evaluate(
         raise ValueError("devices= is for single-process runs; use every device")
     num_devices = len(devices) if devices else jax.device_count()
     validate.check(config, num_devices)
-    stream, info = data.create(
-        config.dataset,
-        config.batch_size,
-        config.seed,
-        image_size=config.model.image_size,
-        channels=config.model.channels,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    stream, info = open_data(config)
     validate.check_data(config, info)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     check_resume(config, ckpt)
     is_main = jax.process_index() == 0
-    if is_main:  # only once the config has passed every check
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+    write_config(config, workdir)  # only once the config has passed every check
 
     scorer = Scorer(config, workdir) if config.eval_every else None
     trainer = train.Trainer(config)
@@ -73,6 +62,27 @@ def train_and_evaluate(
             scorer.close()
         writer.close()
     return state
+
+
+def open_data(config) -> tuple[Any, data.DataInfo]:
+    """This process's stream of the config's data, and what the model must match."""
+    return data.create(
+        config.dataset,
+        config.batch_size,
+        config.seed,
+        image_size=config.model.image_size,
+        channels=config.model.channels,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def write_config(config, workdir: str) -> None:
+    """``<workdir>/config.json`` (process 0 only)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
 
 
 def check_resume(config, ckpt) -> None:

@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sngan_jax import data, loop, validate, vectorized, writers
+from sngan_jax import data, files, loop, validate, vectorized, writers
 from sngan_jax.evaluation.evaluator import EvaluationError
 
 FLAGS = flags.FLAGS
@@ -222,10 +222,7 @@ def read_status(workdir: str) -> dict | None:
 
 def write_status(workdir: str, status: dict) -> None:
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, STATUS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(status, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, STATUS_FILE))
+    files.write_json(os.path.join(workdir, STATUS_FILE), status)
 
 
 # --- summary ----------------------------------------------------------------------

@@ -16,7 +16,6 @@ is marked so and dropped from logging and saving; the others go on.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,15 +71,7 @@ def train_points(
     num_devices = len(devices) if devices else jax.device_count()
     for c in configs:
         validate.check(c, num_devices)
-    stream, info = data.create(
-        config.dataset,
-        config.batch_size,
-        config.seed,
-        image_size=config.model.image_size,
-        channels=config.model.channels,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    stream, info = loop.open_data(config)
     points = [_Point(c, w, info) for c, w in zip(configs, workdirs, strict=True)]
     trainer = train.Trainer(config)
     state = _stacked_state(trainer, points, stream)
@@ -100,12 +91,8 @@ class _Point:
         self.config, self.workdir = config, workdir
         self.ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
         loop.check_resume(config, self.ckpt)
-        is_main = jax.process_index() == 0
-        if is_main:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2) + "\n")
-        self.writer = writers.MetricWriter(workdir, enabled=is_main)
+        loop.write_config(config, workdir)
+        self.writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
         self.scorer = loop.Scorer(config, workdir) if config.eval_every else None
         self.diverged: tuple[int, str] | None = None
         self.step = 0

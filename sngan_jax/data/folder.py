@@ -23,13 +23,14 @@ import contextlib
 import functools
 import hashlib
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
 from PIL import ExifTags, Image
+
+from sngan_jax import files
 
 # Only decides which top-level folders are classes; every file inside a class
 # folder is handed to Pillow, which has the last word on what is an image.
@@ -203,7 +204,7 @@ def _write_cache(
     for directory in cache_dirs:
         try:
             os.makedirs(directory, exist_ok=True)
-            _save_atomic(os.path.join(directory, name), data)
+            files.save_npz(os.path.join(directory, name), data)
         except OSError as e:
             errors.append(f"{directory}: {e.strerror or e}")
             continue
@@ -217,23 +218,6 @@ def _write_cache(
         "again; set cache_dir to a writable folder",
         "; ".join(errors),
     )
-
-
-def _save_atomic(file: str, data: dict[str, np.ndarray]) -> None:
-    """Writes a temporary file, then renames it: readers see all or nothing."""
-    fd, temp = tempfile.mkstemp(
-        dir=os.path.dirname(file), prefix=".sngan_cache_tmp_", suffix=".npz"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data)
-        # mkstemp makes the file private; the cache is as shareable as the images.
-        os.chmod(temp, 0o644)
-        os.replace(temp, file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
 
 
 def _remove_stale_caches(root: str, name: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from sngan_jax import files
 from sngan_jax.data import embedded
 from sngan_jax.evaluation import cache_dir
 
@@ -65,7 +66,7 @@ def load_classifier() -> tuple[Any, dict[str, Any]]:
         with jax.default_device(jax.devices("cpu")[0]):
             params, accuracy = _train()
         arrays = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
-        _save_atomic(path, {**arrays, "held_out_accuracy": np.float64(accuracy)})
+        files.save_npz(path, {**arrays, "held_out_accuracy": np.float64(accuracy)})
     params = traverse_util.unflatten_dict(
         {tuple(k.split("/")): v for k, v in arrays.items()}
     )
@@ -127,9 +128,3 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(arrays[key]).tobytes())
     return digest.hexdigest()
-
-
-def _save_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from sngan_jax import files
+
 # Scores that pick the best checkpoint when eval.best_metric is empty, in order.
 DEFAULT_BEST = ("inception/fid", "digits/fid")
 
@@ -25,7 +27,7 @@ def write(workdir: str, record: dict[str, Any]) -> str:
     path = eval_path(workdir, record["step"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     kept = [r for r in read(path) if _key(r) != _key(record)]
-    _dump_atomic(path, {"step": record["step"], "evaluations": [*kept, record]})
+    files.write_json(path, {"step": record["step"], "evaluations": [*kept, record]})
     return path
 
 
@@ -79,13 +81,5 @@ class Best:
             "generator": record["generator"],
             "protocol": record["protocol"],
         }
-        _dump_atomic(self.path, best)
+        files.write_json(self.path, best)
         return True
-
-
-def _dump_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sngan_jax import data
+from sngan_jax import data, files
 from sngan_jax.evaluation import cache_dir, metrics
 from sngan_jax.evaluation.features import FeatureExtractor
 
@@ -86,7 +86,7 @@ def load(
         with np.load(path) as f:
             return Reference(dict(f), meta)
     arrays = _compute(source, num, extractor, desc=f"reference {meta['dataset']}")
-    _save_atomic(path, arrays, meta)
+    files.save_npz(path, {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))})
     return Reference(arrays, meta)
 
 
@@ -115,9 +115,3 @@ def _cache_path(meta: dict[str, Any]) -> str:
         f"{meta['dataset']}_{meta['split']}_{meta['num_real']}_{meta['image_size']}px"
     )
     return os.path.join(cache_dir("reference"), f"{name}_{key}.npz")
-
-
-def _save_atomic(path: str, arrays: dict, meta: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    os.replace(tmp, path)
