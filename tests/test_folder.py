@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sngan_jax import files
 from sngan_jax.data import DataError, folder
 
 CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/cifar10_jpeg.tar.gz"
@@ -215,7 +216,7 @@ def test_cache_dir_and_fallback_when_folder_is_read_only(tmp_path, monkeypatch):
     assert cache_files(data) == [] and len(cache_files(elsewhere)) == 1
 
     # Root ignores file permissions, so refuse writes into the data folder here.
-    mkstemp = folder.tempfile.mkstemp
+    mkstemp = files.tempfile.mkstemp
 
     def refuse_data_folder(dir, **kwargs):
         if Path(dir) == data:
@@ -223,12 +224,12 @@ def test_cache_dir_and_fallback_when_folder_is_read_only(tmp_path, monkeypatch):
         return mkstemp(dir=dir, **kwargs)
 
     home = tmp_path / "home_cache"
-    monkeypatch.setattr(folder.tempfile, "mkstemp", refuse_data_folder)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse_data_folder)
     monkeypatch.setattr(folder, "HOME_CACHE_DIR", str(home))
     images, _, _ = folder.load_image_folder(data, 8)
     assert len(images) == 1
     assert cache_files(data) == [] and len(cache_files(home)) == 1
-    assert not list(data.glob(".sngan_cache_tmp_*"))
+    assert not list(data.glob(".sngan_tmp_*"))
 
 
 def test_real_cifar10_jpegs(tmp_path, caplog):
