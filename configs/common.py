@@ -30,6 +30,8 @@ def base() -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000  # steps between checkpoints
     config.keep_checkpoints = 3  # how many recent checkpoints to keep
     config.allow_config_change = False  # resume a workdir despite a changed config
+    config.divergence_rollbacks = 0  # on NaN/Inf: roll back this often; 0 = stop
+    config.divergence_lr_factor = 0.5  # each roll-back multiplies the lr by this
     config.eval_every = 0  # steps between evaluations (FID etc.); 0 = never
 
     config.eval = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sngan_jax import data, loop, validate, writers
+from sngan_jax import checkpoints, data, loop, validate, writers
 from sngan_jax.evaluation.evaluator import EvaluationError
 
 FLAGS = flags.FLAGS
@@ -59,11 +59,15 @@ def main(argv: list[str]) -> None:
     )
     try:
         loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except loop.Interrupted as e:
+        # Not a failure: the run stopped cleanly and resumes where it stopped.
+        writers.console(str(e))
     except (
         validate.ConfigError,
         data.DataError,
         EvaluationError,
         FloatingPointError,
+        checkpoints.CheckpointError,
     ) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
@@ -71,4 +75,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # A bad flag or config override prints one error line, not absl's usage.
+    app.run(main, flags_parser=validate.parse_flags)

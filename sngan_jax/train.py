@@ -261,6 +261,9 @@ class Trainer:
         state, g_metrics = self.g_update(state, jax.random.fold_in(key, 1), per_device)
         metrics.update(g_metrics)
         metrics.update(sigma_range(state.d_spectral))
+        # Read by the loop every step, to stop before a NaN weight is saved.
+        metrics["g_params_finite"] = all_finite(state.g_params)
+        metrics["d_params_finite"] = all_finite(state.d_params)
         metrics = jax.lax.pmean(metrics, AXIS)
         return state.replace(step=state.step + 1), metrics
 
@@ -279,6 +282,12 @@ class Trainer:
     def _eval_generator(self, g_params, g_batch_stats, z, labels):
         variables = {"params": g_params, "batch_stats": g_batch_stats}
         return self.g_local.apply(variables, z, labels, train=False)
+
+
+def all_finite(tree: Any) -> Array:
+    """1.0 when no entry of ``tree`` is NaN or Inf, else 0.0 (a float32 scalar)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(flags)).astype(jnp.float32)
 
 
 def sigma_range(spectral_vars: Any) -> Metrics:
