@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
     config.model.conditioning = "projection"  # conditional D: projection or concat
     config.model.d_norm = "spectral"  # spectral, weight, layer, batch or none
     config.model.sn_init_steps = 15  # power iterations at initialization
+    config.model.dtype = "float32"  # activations: float32 or bfloat16 (accelerators)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "hinge"  # hinge, non_saturating or wasserstein

@@ -104,7 +104,8 @@ def _conv2d(
 def _add_bias(module: nn.Module, y: Array, use_bias: bool, init: Initializer) -> Array:
     if not use_bias:
         return y
-    return y + module.param("bias", init, (y.shape[-1],))
+    bias = module.param("bias", init, (y.shape[-1],))
+    return y + bias.astype(y.dtype)
 
 
 class SNConv(nn.Module):
@@ -129,6 +130,93 @@ class SNConv(nn.Module):
             self, kernel, update_stats, self.n_steps, self.n_init_steps, self.eps
         )
         y = _conv2d(x, kernel, self.strides, self.padding)
+        return _add_bias(self, y, self.use_bias, self.bias_init)
+
+
+def conv_transpose(
+    x: Array, kernel: Array, strides: tuple[int, int], padding: str = "SAME"
+) -> Array:
+    """``jax.lax.conv_transpose`` (NHWC, HWIO, unflipped kernel), computed by phases.
+
+    With stride ``s`` every output pixel ``(s*m + p, s*n + q)`` sees only the
+    kernel taps ``kernel[kp::s, kq::s]`` of its phase ``(p, q)``, applied to the
+    undilated input. So the transposed convolution is ``s*s`` ordinary stride-1
+    convolutions with small kernels whose outputs are interleaved: the same
+    function, without the zeros that ``lax.conv_transpose`` inserts into the
+    input. XLA's CPU backend computes the kernel gradient of the dilated form
+    about 20 times slower than this one (a 4x4 stride-2 layer, 128 channels,
+    16x16 inputs, batch 64, 2 cores: 6.1 s against 0.29 s); the forward pass is
+    faster too (0.16 s against 0.22 s). Only ``"SAME"`` padding with strides no
+    larger than the kernel takes the phase path; anything else falls back to
+    ``lax.conv_transpose``.
+    """
+    kernel = kernel.astype(x.dtype)
+    size = kernel.shape[:2]
+    if padding != "SAME" or any(s > k for s, k in zip(strides, size, strict=True)):
+        return jax.lax.conv_transpose(
+            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    (sh, sw), (kh, kw) = strides, size
+    rows = []
+    for p in range(sh):
+        taps_h, pad_h = _phase(kh, sh, p)
+        cols = []
+        for q in range(sw):
+            taps_w, pad_w = _phase(kw, sw, q)
+            cols.append(
+                jax.lax.conv_general_dilated(
+                    x,
+                    kernel[taps_h][:, taps_w],
+                    window_strides=(1, 1),
+                    padding=(pad_h, pad_w),
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                )
+            )
+        rows.append(jnp.stack(cols, axis=3))  # (N, H, W, sw, C)
+    y = jnp.stack(rows, axis=2)  # (N, H, sh, W, sw, C)
+    n, h, _, w, _, c = y.shape
+    return y.reshape(n, h * sh, w * sw, c)
+
+
+def _phase(k: int, s: int, p: int) -> tuple[slice, tuple[int, int]]:
+    """Kernel taps and input padding of output phase ``p`` along one axis.
+
+    ``lax.conv_transpose`` with "SAME" padding dilates the input by ``s``, pads
+    it by ``pad_a`` in front and correlates with the kernel, so output
+    ``s*m + p`` takes tap ``t`` from input ``m + (p + t - pad_a) / s`` whenever
+    that is a whole number.
+    """
+    pad_a = k - 1 if s > k - 1 else -(-(k + s - 2) // 2)
+    first = (pad_a - p) % s
+    taps = len(range(first, k, s))
+    offset = (p + first - pad_a) // s  # input index of the first tap, minus m
+    return slice(first, k, s), (-offset, offset + taps - 1)
+
+
+class ConvTranspose(nn.Module):
+    """``flax.linen.ConvTranspose`` with the same kernel, computed by phases.
+
+    Parameters ``kernel (kh, kw, in, features)`` and ``bias`` have the shapes,
+    meaning and default initializers of the flax layer (``transpose_kernel``
+    false); only the computation differs (see ``conv_transpose``).
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (4, 4)
+    strides: tuple[int, int] = (2, 2)
+    padding: str = "SAME"
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Any = None  # of the computation (None: the input's); parameters float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        y = conv_transpose(x, kernel, self.strides, self.padding)
         return _add_bias(self, y, self.use_bias, self.bias_init)
 
 
@@ -158,13 +246,7 @@ class SNConvTranspose(nn.Module):
         kernel = _spectral_kernel(
             self, kernel, update_stats, self.n_steps, self.n_init_steps, self.eps
         )
-        y = jax.lax.conv_transpose(
-            x,
-            kernel.astype(x.dtype),
-            strides=self.strides,
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv_transpose(x, kernel, self.strides, self.padding)
         return _add_bias(self, y, self.use_bias, self.bias_init)
 
 
@@ -254,16 +336,18 @@ class BatchStatNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        # Statistics in float32 whatever the activations' dtype.
         axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(x, axis=axes)
-        mean_sq = jnp.mean(jnp.square(x), axis=axes)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=axes)
+        mean_sq = jnp.mean(jnp.square(x32), axis=axes)
         if self.axis_name is not None:
             mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return y * scale + bias
+        return (y * scale + bias).astype(x.dtype)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -277,6 +361,7 @@ class ConditionalBatchNorm(nn.Module):
     num_classes: int
     axis_name: str | None = None
     momentum: float = 0.9
+    dtype: Any = jnp.float32  # of the computation; parameters stay float32
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, train: bool) -> Array:
@@ -286,13 +371,20 @@ class ConditionalBatchNorm(nn.Module):
             use_bias=False,
             momentum=self.momentum,
             axis_name=self.axis_name,
+            dtype=self.dtype,
         )(x)
         features = x.shape[-1]
         scale = nn.Embed(
-            self.num_classes, features, embedding_init=nn.initializers.ones
+            self.num_classes,
+            features,
+            embedding_init=nn.initializers.ones,
+            dtype=self.dtype,
         )
         bias = nn.Embed(
-            self.num_classes, features, embedding_init=nn.initializers.zeros
+            self.num_classes,
+            features,
+            embedding_init=nn.initializers.zeros,
+            dtype=self.dtype,
         )
         return x * scale(labels)[:, None, None, :] + bias(labels)[:, None, None, :]
 
@@ -310,13 +402,16 @@ def make_conv(
     axis_name: str | None = None,
     kernel_init: Initializer = default_kernel_init,
     sn_init_steps: int = 15,
+    dtype: Any = jnp.float32,
 ) -> LayerFn:
     """A discriminator convolution with normalization ``norm`` (see ``NORMS``).
 
     Call it inside a compact method; the result is ``f(x, update_stats)``.
     ``spectral`` and ``weight`` normalize the kernel; ``layer`` and ``batch``
     normalize the output activations, which ``normalize_output=False`` turns off
-    (for layers that feed a residual sum or the final score).
+    (for layers that feed a residual sum or the final score). ``dtype`` is the
+    dtype of the computation; parameters stay float32. (This project's own
+    layers compute in the dtype of their input.)
     """
     _check_norm(norm)
     common = dict(features=features, kernel_size=kernel_size, strides=strides)
@@ -325,8 +420,8 @@ def make_conv(
     if norm == "weight":
         conv = WNConv(**common, kernel_init=kernel_init)
     else:
-        conv = nn.Conv(**common, kernel_init=kernel_init)
-    post = _activation_norm(norm, normalize_output, axis_name, conv_axes=True)
+        conv = nn.Conv(**common, kernel_init=kernel_init, dtype=dtype)
+    post = _activation_norm(norm, normalize_output, axis_name, True, dtype)
     return lambda x, update_stats: post(conv(x))
 
 
@@ -338,6 +433,7 @@ def make_dense(
     axis_name: str | None = None,
     kernel_init: Initializer = default_kernel_init,
     sn_init_steps: int = 15,
+    dtype: Any = jnp.float32,
 ) -> LayerFn:
     """A discriminator dense layer with normalization ``norm``; see make_conv."""
     _check_norm(norm)
@@ -346,20 +442,20 @@ def make_dense(
     if norm == "weight":
         dense = WNDense(features, kernel_init=kernel_init)
     else:
-        dense = nn.Dense(features, kernel_init=kernel_init)
-    post = _activation_norm(norm, normalize_output, axis_name, conv_axes=False)
+        dense = nn.Dense(features, kernel_init=kernel_init, dtype=dtype)
+    post = _activation_norm(norm, normalize_output, axis_name, False, dtype)
     return lambda x, update_stats: post(dense(x))
 
 
 def _activation_norm(
-    norm: str, enabled: bool, axis_name: str | None, conv_axes: bool
+    norm: str, enabled: bool, axis_name: str | None, conv_axes: bool, dtype: Any
 ) -> Callable[[Array], Array]:
     if not enabled or norm in ("spectral", "weight", "none"):
         return lambda x: x
     if norm == "layer":
         # Ba et al. normalize over every unit of a layer: C, H and W for convs.
         axes = (-3, -2, -1) if conv_axes else (-1,)
-        return nn.LayerNorm(reduction_axes=axes, feature_axes=-1)
+        return nn.LayerNorm(reduction_axes=axes, feature_axes=-1, dtype=dtype)
     return BatchStatNorm(axis_name=axis_name)
 
 

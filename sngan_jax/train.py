@@ -85,7 +85,14 @@ class Trainer:
         """A fresh train state (unreplicated) from an integer seed."""
         # One compiled program: initializing layer by layer would compile each
         # spectral layer's warm-up loop separately.
-        return jax.jit(self._init_state)(jax.random.PRNGKey(seed))
+        key = jax.random.PRNGKey(seed)
+        lowered = jax.jit(self._init_state).lower(key)
+        # The program runs once, so on the CPU its compilation is the cost that
+        # counts: without LLVM's optimizations it compiles about 4 times faster
+        # (SNDCGAN: 2 s, not 8 s; mostly the random initializers) and runs in
+        # 0.4 s instead of 0.1 s, with the same values.
+        options = {"xla_backend_optimization_level": 0} if _on_cpu() else {}
+        return lowered.compile(compiler_options=options)(key)
 
     def _init_state(self, rng: Array) -> TrainState:
         rng, g_key, d_key = jax.random.split(rng, 3)
@@ -282,6 +289,10 @@ class Trainer:
     def _eval_generator(self, g_params, g_batch_stats, z, labels):
         variables = {"params": g_params, "batch_stats": g_batch_stats}
         return self.g_local.apply(variables, z, labels, train=False)
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def all_finite(tree: Any) -> Array:

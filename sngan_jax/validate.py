@@ -175,6 +175,11 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     model = config.model
     if model.num_classes < 0:
         raise ConfigError(f"model.num_classes must be >= 0, got {model.num_classes}")
+    if model.dtype not in models.DTYPES:
+        raise ConfigError(
+            f"unknown model.dtype {model.dtype!r}; choose one of {models.DTYPES} "
+            f"(bfloat16 activations pay off on GPUs and TPUs, not on CPUs)"
+        )
     if model.name == "mlp":  # 2-D points: no image size, channels or classes
         return
     sizes = IMAGE_SIZES[model.name]

@@ -139,3 +139,62 @@ def test_spectral_sigmas_flattens_layer_paths():
         "b": {"SNDense_0": {"sigma": 2.0}},
     }
     assert layers.spectral_sigmas(tree) == {"SNConv_0": 1.5, "b/SNDense_0": 2.0}
+
+
+# (kernel, strides, input height and width): the generator's 4x4 stride-2
+# layers, and shapes that exercise every phase rule (odd kernels, kernels
+# that are not a multiple of the stride, stride 1 and 3, odd inputs).
+CONV_TRANSPOSE_CASES = [
+    ((4, 4), (2, 2), (4, 4)),
+    ((4, 4), (2, 2), (5, 3)),
+    ((3, 3), (2, 2), (4, 4)),
+    ((5, 3), (2, 2), (3, 4)),
+    ((2, 2), (2, 2), (3, 3)),
+    ((3, 3), (1, 1), (5, 5)),
+    ((4, 4), (3, 3), (3, 2)),
+    ((2, 2), (3, 3), (3, 3)),  # stride above the kernel: the fallback
+]
+
+
+@pytest.mark.parametrize("kernel_size,strides,hw", CONV_TRANSPOSE_CASES)
+def test_phase_conv_transpose_equals_flax_conv_transpose(kernel_size, strides, hw):
+    """Same kernel, same outputs and gradients (input, kernel, bias) as flax's."""
+    flax_layer = nn.ConvTranspose(5, kernel_size, strides, padding="SAME")
+    ours = layers.ConvTranspose(5, kernel_size, strides)
+
+    def loss(layer, params, x, weights):
+        return jnp.sum(weights * jnp.tanh(layer.apply({"params": params}, x)))
+
+    # In float64, so that a tolerance of 1e-12 tells a different function from
+    # a different order of float rounding.
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (2, *hw, 3), jnp.float64)
+        params = flax_layer.init(KEY, x)["params"]
+        params["bias"] = jax.random.normal(jax.random.fold_in(KEY, 1), (5,))
+        assert jax.tree.map(jnp.shape, ours.init(KEY, x)["params"]) == (
+            jax.tree.map(jnp.shape, params)
+        )
+        want = flax_layer.apply({"params": params}, x)
+        got = ours.apply({"params": params}, x)
+        # A loss that weights every output differently, so that a pixel
+        # written to the wrong place changes the gradients.
+        weights = jax.random.normal(jax.random.fold_in(KEY, 2), want.shape)
+        grad = jax.grad(loss, argnums=(1, 2))
+        want_grads = grad(flax_layer, params, x, weights)
+        got_grads = grad(ours, params, x, weights)
+    assert got.dtype == jnp.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(
+        jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_phase_conv_transpose_in_float32_and_under_jit():
+    x = jax.random.normal(KEY, (4, 8, 8, 16))
+    kernel = jax.random.normal(KEY, (4, 4, 16, 8)) / 8
+    dn = ("NHWC", "HWIO", "NHWC")
+    want = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=dn)
+    got = jax.jit(layers.conv_transpose, static_argnums=2)(x, kernel, (2, 2))
+    assert got.dtype == jnp.float32 and got.shape == (4, 16, 16, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

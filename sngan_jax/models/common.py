@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 T = TypeVar("T")
 
@@ -22,9 +23,17 @@ def by_image_size(table: dict[int, T], image_size: int, network: str) -> T:
     return table[image_size]
 
 
-def bn_relu(x: jax.Array, train: bool, axis_name: str | None) -> jax.Array:
-    """Batch norm (batch statistics when training) then ReLU; call in compact."""
+def bn_relu(
+    x: jax.Array, train: bool, axis_name: str | None, dtype: Any = jnp.float32
+) -> jax.Array:
+    """Batch norm (batch statistics when training) then ReLU; call in compact.
+
+    ``dtype`` is that of the output; flax computes the statistics in float32.
+    """
     bn = nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, axis_name=axis_name
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        axis_name=axis_name,
+        dtype=dtype,
     )
     return nn.relu(bn(x))

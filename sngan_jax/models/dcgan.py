@@ -11,6 +11,8 @@ the paper's widths.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ class DCGANGenerator(nn.Module):
     z_dim: int = 128
     channels: int = 3
     axis_name: str | None = None
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
@@ -39,12 +42,17 @@ class DCGANGenerator(nn.Module):
         bottom = by_image_size(_BOTTOM, self.image_size, "SNDCGAN generator")
         # Batch norm over the dense layer's units before the reshape, as in the
         # authors' Chainer code (the paper's table leaves it implicit).
-        x = bn_relu(nn.Dense(bottom * bottom * 8 * self.ch)(z), train, self.axis_name)
+        dtype, axis = self.dtype, self.axis_name
+        x = nn.Dense(bottom * bottom * 8 * self.ch, dtype=dtype)(z)
+        x = bn_relu(x, train, axis, dtype)
         x = x.reshape(z.shape[0], bottom, bottom, 8 * self.ch)
         for mult in (4, 2, 1):
-            x = nn.ConvTranspose(mult * self.ch, (4, 4), (2, 2), padding="SAME")(x)
-            x = bn_relu(x, train, self.axis_name)
-        return jnp.tanh(nn.Conv(self.channels, (3, 3))(x))
+            # flax's ConvTranspose computed by phases: same function, and
+            # its kernel gradient runs many times faster on CPU.
+            x = layers.ConvTranspose(mult * self.ch, (4, 4), (2, 2), dtype=dtype)(x)
+            x = bn_relu(x, train, axis, dtype)
+        x = nn.Conv(self.channels, (3, 3), dtype=dtype)(x)
+        return jnp.tanh(x).astype(jnp.float32)
 
 
 class DCGANDiscriminator(nn.Module):
@@ -55,12 +63,14 @@ class DCGANDiscriminator(nn.Module):
     norm: str = "spectral"
     axis_name: str | None = None
     sn_init_steps: int = 15
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
     ) -> jax.Array:
         by_image_size(_BOTTOM, self.image_size, "SNDCGAN discriminator")
+        x = x.astype(self.dtype)
         for mult, k, s in _D_CONVS:
             conv = layers.make_conv(
                 self.norm,
@@ -69,9 +79,15 @@ class DCGANDiscriminator(nn.Module):
                 (s, s),
                 axis_name=self.axis_name,
                 sn_init_steps=self.sn_init_steps,
+                dtype=self.dtype,
             )
             x = nn.leaky_relu(conv(x, update_stats), 0.1)
         dense = layers.make_dense(
-            self.norm, 1, normalize_output=False, sn_init_steps=self.sn_init_steps
+            self.norm,
+            1,
+            normalize_output=False,
+            sn_init_steps=self.sn_init_steps,
+            dtype=self.dtype,
         )
-        return dense(x.reshape(x.shape[0], -1), update_stats)[:, 0]
+        logits = dense(x.reshape(x.shape[0], -1), update_stats)[:, 0]
+        return logits.astype(jnp.float32)

@@ -23,7 +23,7 @@ of the normalizations that the paper compares.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -89,7 +89,7 @@ def _downsample(x: Array) -> Array:
 
 
 def _batch_norm(
-    num_classes: int, axis_name: str | None, name: str
+    num_classes: int, axis_name: str | None, name: str, dtype: Any
 ) -> Callable[[Array, Array | None, bool], Array]:
     """The generator's batch norm, class-conditional when ``num_classes > 0``.
 
@@ -97,7 +97,11 @@ def _batch_norm(
     """
     if num_classes > 0:
         return layers.ConditionalBatchNorm(
-            num_classes, axis_name=axis_name, momentum=BN_MOMENTUM, name=name
+            num_classes,
+            axis_name=axis_name,
+            momentum=BN_MOMENTUM,
+            dtype=dtype,
+            name=name,
         )
 
     def norm(x: Array, labels: Array | None, train: bool) -> Array:
@@ -105,6 +109,7 @@ def _batch_norm(
             use_running_average=not train,
             momentum=BN_MOMENTUM,
             axis_name=axis_name,
+            dtype=dtype,
             name=name,
         )
         return bn(x)
@@ -118,17 +123,20 @@ class GeneratorBlock(nn.Module):
     features: int
     num_classes: int = 0
     axis_name: str | None = None
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(self, x: Array, labels: Array | None, train: bool) -> Array:
         def bn_relu(h: Array, name: str) -> Array:
-            bn = _batch_norm(self.num_classes, self.axis_name, name)
+            bn = _batch_norm(self.num_classes, self.axis_name, name, self.dtype)
             return nn.relu(bn(h, labels, train))
 
         def conv(
             features: int, size: int, init: layers.Initializer, name: str
         ) -> nn.Conv:
-            return nn.Conv(features, (size, size), kernel_init=init, name=name)
+            return nn.Conv(
+                features, (size, size), kernel_init=init, dtype=self.dtype, name=name
+            )
 
         h = _upsample(bn_relu(x, "bn1"))
         h = conv(self.features, 3, _residual_init, "conv1")(h)
@@ -153,6 +161,7 @@ class ResNetGenerator(nn.Module):
     z_dim: int = 128
     num_classes: int = 0
     axis_name: str | None = None
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
@@ -163,19 +172,25 @@ class ResNetGenerator(nn.Module):
             raise ValueError(f"z must have shape (N, {self.z_dim}), got {z.shape}")
         _check_labels(self.num_classes, labels, "generator")
 
-        width = spec.widths[0] * self.ch
-        h = nn.Dense(spec.bottom**2 * width, kernel_init=_plain_init, name="dense")(z)
-        h = h.reshape(z.shape[0], spec.bottom, spec.bottom, width)
+        width, dtype = spec.widths[0] * self.ch, self.dtype
+        dense = nn.Dense(
+            spec.bottom**2 * width, kernel_init=_plain_init, dtype=dtype, name="dense"
+        )
+        h = dense(z).reshape(z.shape[0], spec.bottom, spec.bottom, width)
         for i, mult in enumerate(spec.widths[1:], start=1):
             block = GeneratorBlock(
-                mult * self.ch, self.num_classes, self.axis_name, name=f"block{i}"
+                mult * self.ch,
+                self.num_classes,
+                self.axis_name,
+                dtype=dtype,
+                name=f"block{i}",
             )
             h = block(h, labels, train)
 
         # The last batch norm is unconditional, as in the reference code.
-        h = nn.relu(_batch_norm(0, self.axis_name, "bn")(h, None, train))
-        h = nn.Conv(3, (3, 3), kernel_init=_plain_init, name="conv_out")(h)
-        return jnp.tanh(h)
+        h = nn.relu(_batch_norm(0, self.axis_name, "bn", dtype)(h, None, train))
+        conv = nn.Conv(3, (3, 3), kernel_init=_plain_init, dtype=dtype, name="conv_out")
+        return jnp.tanh(conv(h)).astype(jnp.float32)
 
 
 class _DiscriminatorBlockBase(nn.Module):
@@ -185,6 +200,7 @@ class _DiscriminatorBlockBase(nn.Module):
     norm: str = "spectral"
     axis_name: str | None = None
     sn_init_steps: int = 15
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     def conv(
         self,
@@ -204,6 +220,7 @@ class _DiscriminatorBlockBase(nn.Module):
             axis_name=self.axis_name,
             kernel_init=init,
             sn_init_steps=self.sn_init_steps,
+            dtype=self.dtype,
         )
 
 
@@ -271,6 +288,7 @@ class ResNetDiscriminator(nn.Module):
     norm: str = "spectral"
     axis_name: str | None = None
     sn_init_steps: int = 15
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
@@ -282,7 +300,9 @@ class ResNetDiscriminator(nn.Module):
             "norm": self.norm,
             "axis_name": self.axis_name,
             "sn_init_steps": self.sn_init_steps,
+            "dtype": self.dtype,
         }
+        x = x.astype(self.dtype)
 
         first = OptimizedDiscriminatorBlock(spec.first * self.ch, **opts, name="block1")
         h = first(x, update_stats)
@@ -294,7 +314,8 @@ class ResNetDiscriminator(nn.Module):
             )
             h = block(h, update_stats)
 
-        h = jnp.sum(nn.relu(h), axis=(1, 2))
+        # The sum over H and W, and the logits, in float32.
+        h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
         out = layers.make_dense(
             self.norm,
             1,
@@ -302,6 +323,7 @@ class ResNetDiscriminator(nn.Module):
             axis_name=self.axis_name,
             kernel_init=_plain_init,
             sn_init_steps=self.sn_init_steps,
+            dtype=jnp.float32,
         )
         logits = out(h, update_stats)[:, 0]
         if conditioning == "projection":
@@ -347,6 +369,7 @@ class ResNetDiscriminator(nn.Module):
             self.num_classes,
             _CONCAT_FEATURES,
             embedding_init=_plain_init,
+            dtype=self.dtype,
             name="concat_embed",
         )
         e = embed(labels)[:, None, None, :]

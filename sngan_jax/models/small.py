@@ -9,6 +9,8 @@ leaky ReLU in the discriminator.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ class MLPGenerator(nn.Module):
     hidden: int = 128
     depth: int = 3
     out_dim: int = 2
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
@@ -33,8 +36,8 @@ class MLPGenerator(nn.Module):
     ) -> jax.Array:
         x = z
         for _ in range(self.depth):
-            x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.out_dim)(x)
+            x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        return nn.Dense(self.out_dim, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class MLPDiscriminator(nn.Module):
@@ -45,18 +48,22 @@ class MLPDiscriminator(nn.Module):
     norm: str = "spectral"
     axis_name: str | None = None
     sn_init_steps: int = 15
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
     ) -> jax.Array:
-        opts = dict(axis_name=self.axis_name, sn_init_steps=self.sn_init_steps)
+        opts = dict(
+            axis_name=self.axis_name, sn_init_steps=self.sn_init_steps, dtype=self.dtype
+        )
+        x = x.astype(self.dtype)
         for _ in range(self.depth):
             x = nn.relu(
                 layers.make_dense(self.norm, self.hidden, **opts)(x, update_stats)
             )
         out = layers.make_dense(self.norm, 1, normalize_output=False, **opts)
-        return out(x, update_stats)[:, 0]
+        return out(x, update_stats)[:, 0].astype(jnp.float32)
 
 
 class SmallGenerator(nn.Module):
@@ -66,24 +73,27 @@ class SmallGenerator(nn.Module):
     ch: int = 32
     channels: int = 1
     axis_name: str | None = None
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = True
     ) -> jax.Array:
         stages = by_image_size(_STAGES, self.image_size, "small image generator")
+        dtype, axis = self.dtype, self.axis_name
 
         # Layers followed by batch norm have no bias: the norm removes it, and
         # its gradient would be pure rounding noise, which Adam amplifies.
         width = self.ch * 2**stages
-        x = nn.Dense(4 * 4 * width, use_bias=False)(z)
-        x = bn_relu(x.reshape(z.shape[0], 4, 4, width), train, self.axis_name)
+        x = nn.Dense(4 * 4 * width, use_bias=False, dtype=dtype)(z)
+        x = bn_relu(x.reshape(z.shape[0], 4, 4, width), train, axis, dtype)
         for _ in range(stages):
             width //= 2
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-            x = nn.Conv(width, (3, 3), use_bias=False)(x)
-            x = bn_relu(x, train, self.axis_name)
-        return jnp.tanh(nn.Conv(self.channels, (3, 3))(x))
+            x = nn.Conv(width, (3, 3), use_bias=False, dtype=dtype)(x)
+            x = bn_relu(x, train, axis, dtype)
+        x = nn.Conv(self.channels, (3, 3), dtype=dtype)(x)
+        return jnp.tanh(x).astype(jnp.float32)
 
 
 class SmallDiscriminator(nn.Module):
@@ -94,13 +104,17 @@ class SmallDiscriminator(nn.Module):
     norm: str = "spectral"
     axis_name: str | None = None
     sn_init_steps: int = 15
+    dtype: Any = jnp.float32  # of the activations; parameters stay float32
 
     @nn.compact
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, update_stats: bool = True
     ) -> jax.Array:
         stages = by_image_size(_STAGES, self.image_size, "small discriminator")
-        opts = dict(axis_name=self.axis_name, sn_init_steps=self.sn_init_steps)
+        opts = dict(
+            axis_name=self.axis_name, sn_init_steps=self.sn_init_steps, dtype=self.dtype
+        )
+        x = x.astype(self.dtype)
         width = self.ch
         for _ in range(stages):
             for k, s in ((3, 1), (4, 2)):
@@ -110,4 +124,4 @@ class SmallDiscriminator(nn.Module):
         conv = layers.make_conv(self.norm, width, (3, 3), **opts)
         x = nn.leaky_relu(conv(x, update_stats), 0.1)
         out = layers.make_dense(self.norm, 1, normalize_output=False, **opts)
-        return out(x.reshape(x.shape[0], -1), update_stats)[:, 0]
+        return out(x.reshape(x.shape[0], -1), update_stats)[:, 0].astype(jnp.float32)
