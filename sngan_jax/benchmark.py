@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sngan_jax import loop, train, validate
+from sngan_jax import loop, peers, train, validate
 
 FLAGS = flags.FLAGS
 
@@ -141,7 +139,7 @@ class Timer:
         validate.check(config, jax.device_count())
         self.config, self.name = config, name
         self.next_batches = _batch_source(config, real_data)
-        self.compiles = _CompileCounter()
+        self.compiles = CompileCounter()
         self.rounds: list[float] = []
 
         start = time.perf_counter()
@@ -165,17 +163,16 @@ class Timer:
 
     def time_round(self, steps: int) -> float:
         """Runs ``steps`` iterations as the training loop does; seconds each."""
-        self.compiles.start()
-        start = time.perf_counter()
-        state, pending = self.state, self.metrics
-        for _ in range(steps):
-            state, metrics = self.p_step(state, self.next_batches())
-            # The loop reads the previous step's metrics, from the first device.
-            float(np.asarray(pending["d_loss"].addressable_data(0))[0])
-            pending = metrics
-        jax.block_until_ready((state, pending))
-        step_s = (time.perf_counter() - start) / steps
-        self.compiles.stop()
+        with self.compiles:
+            start = time.perf_counter()
+            state, pending = self.state, self.metrics
+            for _ in range(steps):
+                state, metrics = self.p_step(state, self.next_batches())
+                # The loop reads the previous step's metrics, from device 0.
+                float(np.asarray(pending["d_loss"].addressable_data(0))[0])
+                pending = metrics
+            jax.block_until_ready((state, pending))
+            step_s = (time.perf_counter() - start) / steps
         self.state, self.metrics = state, pending
         self.rounds.append(step_s)
         return step_s
@@ -227,22 +224,22 @@ def _batch_source(config, real_data: bool) -> Callable[[], dict]:
     return next_batches
 
 
-class _CompileCounter:
-    """Counts XLA compilations between ``start()`` and ``stop()``."""
+class CompileCounter:
+    """Counts XLA compilations inside ``with counter:`` blocks, added up."""
 
     def __init__(self):
-        self.count, self.active = 0, False
+        self.count = 0
+
+    def __enter__(self) -> CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
     def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if self.active and event == BACKEND_COMPILE:
+        if event == BACKEND_COMPILE:
             self.count += 1
-
-    def start(self) -> None:
-        self.active = True
-
-    def stop(self) -> None:
-        self.active = False
 
 
 def _flops(p_step, state, batches) -> float | None:
@@ -288,44 +285,7 @@ def _process_age() -> float | None:
     return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-class Peer(NamedTuple):
-    """A peer program's seconds per iteration, the median over rounds."""
-
-    name: str
-    variant: str
-    step_s: float | None
-    round_step_s: list[float]
-    detail: str  # its last output line, or why it failed
-
-
-def peer_args(config, variant: str, steps: int) -> list[str] | None:
-    """The peers' arguments for ``variant``; None where they have no counterpart.
-
-    The peers implement only the paper's standard CNN with spectral
-    normalization on or off, with the hinge loss.
-    """
-    if variant not in ("config", "none") or config.model.name != "sndcgan":
-        return None
-    if variant == "config" and config.model.d_norm not in ("spectral", "none"):
-        return None
-    args = [str(config.batch_size), str(steps), str(config.n_dis)]
-    if variant == "none" or config.model.d_norm == "none":
-        args.append("--no-sn")
-    return args
-
-
-def run_peer(command: list[str]) -> tuple[float | None, str]:
-    """Runs a peer once: (its seconds per iteration or None, its last line)."""
-    done = subprocess.run(command, capture_output=True, text=True)
-    match = re.search(r"s/iter=([0-9.]+)", done.stdout)
-    lines = (done.stdout if match else done.stderr or done.stdout).strip()
-    last = lines.splitlines()[-1] if lines else ""
-    if done.returncode or not match:
-        return None, f"failed: {last}"
-    return float(match.group(1)), last
-
-
-def format_table(config, results: list[Result], peers: list[Peer]) -> str:
+def format_table(config, results: list[Result], peer_results: list[peers.Peer]) -> str:
     """The results as a fixed-width table, then the peers' ratios."""
     devices = jax.local_devices()
     rounds = len(results[0].round_step_s) if results else 0
@@ -350,7 +310,7 @@ def format_table(config, results: list[Result], peers: list[Peer]) -> str:
         )
     lines.append(f"memory: {results[0].memory_kind}" if results else "")
     by_name = {r.name: r for r in results}
-    for peer in peers:
+    for peer in peer_results:
         if peer.step_s is None:
             lines.append(f"{peer.name} ({peer.variant}): {peer.detail}")
             continue
@@ -395,13 +355,13 @@ def main(argv: list[str]) -> None:
         for timer in timers:
             timer.time_round(FLAGS.steps)
         for key, command in peer_runs.items():
-            step_s, peer_detail[key] = run_peer(command)
+            step_s, peer_detail[key] = peers.run_peer(command)
             if step_s is not None:
                 peer_times[key].append(step_s)
 
     results = [timer.result(FLAGS.peak_tflops) for timer in timers]
-    peers = [
-        Peer(
+    peer_results = [
+        peers.Peer(
             name,
             variant,
             float(np.median(times)) if times else None,
@@ -410,11 +370,11 @@ def main(argv: list[str]) -> None:
         )
         for (name, variant), times in peer_times.items()
     ]
-    print(format_table(config, results, peers))
+    print(format_table(config, results, peer_results))
     if FLAGS.json:
         report = {
             "results": [r._asdict() for r in results],
-            "peers": [p._asdict() for p in peers],
+            "peers": [p._asdict() for p in peer_results],
             "device": jax.devices()[0].device_kind,
             "num_devices": jax.local_device_count(),
         }
@@ -431,7 +391,7 @@ def _peer_commands(config) -> dict[tuple[str, str], list[str]]:
         programs.append(("flax-stock", [sys.executable, FLAGS.flax_peer]))
     commands = {}
     for variant in FLAGS.variants:
-        args = peer_args(variant_config(config, variant), variant, FLAGS.steps)
+        args = peers.peer_args(variant_config(config, variant), variant, FLAGS.steps)
         if args is None:
             continue
         for name, program in programs:

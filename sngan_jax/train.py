@@ -91,7 +91,8 @@ class Trainer:
         # counts: without LLVM's optimizations it compiles about 4 times faster
         # (SNDCGAN: 2 s, not 8 s; mostly the random initializers) and runs in
         # 0.4 s instead of 0.1 s, with the same values.
-        options = {"xla_backend_optimization_level": 0} if _on_cpu() else {}
+        on_cpu = jax.default_backend() == "cpu"
+        options = {"xla_backend_optimization_level": 0} if on_cpu else {}
         return lowered.compile(compiler_options=options)(key)
 
     def _init_state(self, rng: Array) -> TrainState:
@@ -289,10 +290,6 @@ class Trainer:
     def _eval_generator(self, g_params, g_batch_stats, z, labels):
         variables = {"params": g_params, "batch_stats": g_batch_stats}
         return self.g_local.apply(variables, z, labels, train=False)
-
-
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
 
 
 def all_finite(tree: Any) -> Array:

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from sngan_jax import layers, optim, spectral
+from sngan_jax import layers, optim, phases, spectral
 
 KEY = jax.random.PRNGKey(0)
 
@@ -195,6 +195,6 @@ def test_phase_conv_transpose_in_float32_and_under_jit():
     kernel = jax.random.normal(KEY, (4, 4, 16, 8)) / 8
     dn = ("NHWC", "HWIO", "NHWC")
     want = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=dn)
-    got = jax.jit(layers.conv_transpose, static_argnums=2)(x, kernel, (2, 2))
+    got = jax.jit(phases.conv_transpose, static_argnums=2)(x, kernel, (2, 2))
     assert got.dtype == jnp.float32 and got.shape == (4, 16, 16, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from configs import cifar10_resnet, cifar10_sndcgan, ring2d
-from sngan_jax import layers, loop, train
+from sngan_jax import layers, loop, peers, train
+from sngan_jax.benchmark import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def tiny_image_config(base, dtype):
@@ -77,18 +77,9 @@ def test_bfloat16_activations_keep_the_state_in_float32(base):
 
 
 def count_compilations(fn):
-    compiles = []
-
-    def listener(name, duration, **kwargs):
-        if name == BACKEND_COMPILE:
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with CompileCounter() as compiles:
         fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return len(compiles)
+    return compiles.count
 
 
 def test_the_training_loop_compiles_nothing_per_step(tmp_path):
@@ -143,21 +134,19 @@ def test_the_benchmark_command_times_each_variant(tmp_path):
 
 
 def test_peers_get_the_configs_batch_and_n_dis_and_report_their_time(tmp_path):
-    from sngan_jax import benchmark
-
     config = cifar10_sndcgan.get_config("A")  # n_dis 5
-    assert benchmark.peer_args(config, "config", 7) == ["64", "7", "5"]
-    assert benchmark.peer_args(config, "none", 7) == ["64", "7", "5", "--no-sn"]
-    assert benchmark.peer_args(config, "gp", 7) is None  # the peers have no GP
-    assert benchmark.peer_args(cifar10_resnet.get_config(), "config", 7) is None
+    assert peers.peer_args(config, "config", 7) == ["64", "7", "5"]
+    assert peers.peer_args(config, "none", 7) == ["64", "7", "5", "--no-sn"]
+    assert peers.peer_args(config, "gp", 7) is None  # the peers have no GP
+    assert peers.peer_args(cifar10_resnet.get_config(), "config", 7) is None
 
     peer = tmp_path / "peer.py"
     peer.write_text("import sys\nprint('peer', sys.argv[1:], 's/iter=0.25')\n")
-    step_s, line = benchmark.run_peer([sys.executable, str(peer), "64", "3", "1"])
+    step_s, line = peers.run_peer([sys.executable, str(peer), "64", "3", "1"])
     assert step_s == 0.25 and "['64', '3', '1']" in line
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit('no torch here')\n")
-    step_s, line = benchmark.run_peer([sys.executable, str(broken)])
+    step_s, line = peers.run_peer([sys.executable, str(broken)])
     assert step_s is None and line == "failed: no torch here"
 
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from configs import ring2d
 from sngan_jax import checkpoints, loop, optim, train, validate
+from sngan_jax.benchmark import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def tiny_ring(**overrides):
@@ -79,22 +79,6 @@ def steps_of(workdir):
         return ckpt.all_steps()
     finally:
         ckpt.close()
-
-
-class CompileCounter:
-    """Counts XLA compilations while active (a context manager)."""
-
-    def __enter__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-    def _listen(self, event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            self.count += 1
 
 
 # Damaged and unfinished checkpoints.

@@ -11,6 +11,7 @@ import pytest
 
 from configs import default, ring2d
 from sngan_jax import checkpoints, data, layers, loop, spectral, train
+from sngan_jax.benchmark import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,30 +271,21 @@ def test_shard_batches_splits_each_batch_across_devices():
 
 
 def test_steps_after_the_first_do_not_compile_again():
-    compiles = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     config = tiny_ring()
     trainer = train.Trainer(config)
     state = loop.to_devices(trainer.init_state(0))
     p_step = train.pmap_train_step(trainer)
     stream, _ = data.create(config.dataset, config.batch_size, config.seed)
     n = jax.local_device_count()
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with CompileCounter() as compiles:
         state, _ = p_step(state, train.shard_batches([next(stream)] * 5, n))
-        first = len(compiles)
+        first = compiles.count
         for _ in range(3):
             batch = train.shard_batches([next(stream) for _ in range(5)], n)
             state, metrics = p_step(state, batch)
         jax.block_until_ready(metrics)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1
-    assert len(compiles) == first
+    assert compiles.count == first
 
 
 def test_resuming_with_another_config_is_refused_unless_forced(tmp_path):
