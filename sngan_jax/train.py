@@ -90,7 +90,8 @@ class Trainer:
         # The program runs once, so on the CPU its compilation is the cost that
         # counts: without LLVM's optimizations it compiles about 4 times faster
         # (SNDCGAN: 2 s, not 8 s; mostly the random initializers) and runs in
-        # 0.4 s instead of 0.1 s, with the same values.
+        # 0.4 s instead of 0.1 s. Its values agree with the optimized program's
+        # up to float rounding (at most 5e-7 in the configs checked).
         on_cpu = jax.default_backend() == "cpu"
         options = {"xla_backend_optimization_level": 0} if on_cpu else {}
         return lowered.compile(compiler_options=options)(key)
