@@ -31,6 +31,25 @@ def test_frechet_distance_of_one_dimensional_gaussians():
     ) == pytest.approx(10.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("num_samples", [500, 40])  # full rank, then singular
+def test_frechet_distance_equals_the_sqrtm_formula_of_the_references(num_samples):
+    # TTUR and pytorch-fid take the trace of SciPy's sqrtm(S1 S2); ours sums
+    # the square roots of the eigenvalues instead. The two must agree.
+    import scipy.linalg
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(128, 128))
+    sigma1 = np.cov(rng.normal(size=(num_samples, 128)) @ mixing, rowvar=False)
+    sigma2 = np.cov(rng.normal(size=(num_samples, 128)) @ mixing.T, rowvar=False)
+    mu1, mu2 = rng.normal(size=128), rng.normal(size=128)
+    offset = 0 if num_samples > 128 else 1e-6 * np.eye(128)  # the references' retry
+    root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset)).real
+    diff = mu1 - mu2
+    theirs = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root)
+    ours = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
 def test_fid_of_a_set_with_itself_is_zero():
     features = np.random.default_rng(0).normal(size=(3000, 256)) * 2 + 1
     assert abs(metrics.fid(features, features)) < 1e-6
