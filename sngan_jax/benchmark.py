@@ -31,11 +31,9 @@ they run in the same invocation, in the same rounds, with the same batch and
 from __future__ import annotations
 
 import json
-import os
-import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -44,26 +42,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sngan_jax import loop, peers, train, validate
+from sngan_jax import loop, measure, peers, train, validate
 
 FLAGS = flags.FLAGS
 
 VARIANTS = ("config", "none", "gp")
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-
-# Dense bfloat16 peaks (TFLOP/s per chip) from the vendors' data sheets; the
-# usual denominator of model-FLOPs utilization. Others: --peak_tflops.
-PEAK_TFLOPS = {
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100": 312.0,
-    "NVIDIA L4": 121.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-}
 
 
 class Result(NamedTuple):
@@ -139,7 +122,7 @@ class Timer:
         validate.check(config, jax.device_count())
         self.config, self.name = config, name
         self.next_batches = _batch_source(config, real_data)
-        self.compiles = CompileCounter()
+        self.compiles = measure.CompileCounter()
         self.rounds: list[float] = []
 
         start = time.perf_counter()
@@ -153,13 +136,13 @@ class Timer:
         state, metrics = self.p_step(state, self.next_batches())
         jax.block_until_ready(metrics)
         self.first_step_s = time.perf_counter() - start
-        self.since_start = _process_age() if first else None
+        self.since_start = measure.process_age() if first else None
 
         for _ in range(warmup):
             state, metrics = self.p_step(state, self.next_batches())
         jax.block_until_ready(metrics)
         self.state, self.metrics = state, metrics
-        self.flops = _flops(self.p_step, state, self.next_batches())
+        self.flops = measure.flops(self.p_step, state, self.next_batches())
 
     def time_round(self, steps: int) -> float:
         """Runs ``steps`` iterations as the training loop does; seconds each."""
@@ -181,8 +164,8 @@ class Timer:
         step_s = float(np.median(self.rounds))
         images_per_s = self.config.batch_size * self.config.n_dis / step_s
         tflops = self.flops / step_s / 1e12 if self.flops else None
-        peak = peak_tflops or _peak_tflops()
-        memory, memory_kind = _peak_memory()
+        peak = peak_tflops or measure.peak_tflops()
+        memory, memory_kind = measure.peak_memory()
         num_devices = jax.local_device_count()
         return Result(
             name=self.name,
@@ -222,67 +205,6 @@ def _batch_source(config, real_data: bool) -> Callable[[], dict]:
         return train.shard_batches(chosen, num_local)
 
     return next_batches
-
-
-class CompileCounter:
-    """Counts XLA compilations inside ``with counter:`` blocks, added up."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __enter__(self) -> CompileCounter:
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == BACKEND_COMPILE:
-            self.count += 1
-
-
-def _flops(p_step, state, batches) -> float | None:
-    """XLA's FLOP count of one iteration, summed over the local devices."""
-    try:
-        analysis = p_step.lower(state, batches).compile().cost_analysis()
-    except Exception:  # an analysis some backends do not offer
-        return None
-    if isinstance(analysis, Sequence):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    # pmap compiles the per-device program; every device runs it.
-    return float(flops) * jax.local_device_count() if flops else None
-
-
-def _peak_tflops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for prefix, peak in PEAK_TFLOPS.items():
-        if kind.startswith(prefix):
-            return peak
-    return None
-
-
-def _peak_memory() -> tuple[int | None, str]:
-    """Peak bytes in use on device 0 where the backend tracks them, else host RSS."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device"
-    # ru_maxrss is in kilobytes on Linux (bytes on macOS).
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "host RSS"
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (Linux), else None."""
-    try:
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def format_table(config, results: list[Result], peer_results: list[peers.Peer]) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from configs import cifar10_resnet, cifar10_sndcgan, ring2d
 from sngan_jax import layers, loop, peers, train
-from sngan_jax.benchmark import CompileCounter
+from sngan_jax.measure import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from configs import ring2d
 from sngan_jax import checkpoints, loop, optim, train, validate
-from sngan_jax.benchmark import CompileCounter
+from sngan_jax.measure import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import pytest
 
 from configs import default, ring2d
 from sngan_jax import checkpoints, data, layers, loop, spectral, train
-from sngan_jax.benchmark import CompileCounter
+from sngan_jax.measure import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
