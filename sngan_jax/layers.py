@@ -92,13 +92,7 @@ def _conv2d(
     """NHWC convolution with an HWIO kernel; an int padding pads every side."""
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel.astype(x.dtype),
-        window_strides=strides,
-        padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    return phases.conv(x, kernel, strides, padding)
 
 
 def _add_bias(module: nn.Module, y: Array, use_bias: bool, init: Initializer) -> Array:
@@ -360,7 +354,12 @@ def make_conv(
     if norm == "weight":
         conv = WNConv(**common, kernel_init=kernel_init)
     else:
-        conv = nn.Conv(**common, kernel_init=kernel_init, dtype=dtype)
+        conv = nn.Conv(
+            **common,
+            kernel_init=kernel_init,
+            dtype=dtype,
+            conv_general_dilated=phases.conv_general_dilated,
+        )
     post = _activation_norm(norm, normalize_output, axis_name, True, dtype)
     return lambda x, update_stats: post(conv(x))
 

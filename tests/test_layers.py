@@ -198,3 +198,80 @@ def test_phase_conv_transpose_in_float32_and_under_jit():
     got = jax.jit(phases.conv_transpose, static_argnums=2)(x, kernel, (2, 2))
     assert got.dtype == jnp.float32 and got.shape == (4, 16, 16, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+STRIDED_CONV_CASES = [
+    ((4, 4), (2, 2), (8, 8), ((1, 1), (1, 1))),  # SNDCGAN's downsampling layers
+    ((4, 4), (2, 2), (6, 10), "SAME"),
+    ((6, 6), (3, 3), (12, 9), ((0, 0), (0, 0))),
+    ((4, 2), (2, 2), (6, 8), ((1, 1), (0, 0))),
+    ((3, 3), (2, 2), (8, 8), ((1, 1), (1, 1))),  # stride does not divide: direct
+]
+
+
+@pytest.mark.parametrize("kernel_size,strides,hw,padding", STRIDED_CONV_CASES)
+def test_strided_conv_by_phases_equals_lax_conv(kernel_size, strides, hw, padding):
+    """Outputs, gradients and the gradient penalty's second derivatives."""
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def lax_conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=dn
+        )
+
+    def ours(x, kernel):
+        return phases.conv(x, kernel, strides, padding)
+
+    def loss(conv, x, kernel, weights):
+        return jnp.sum(weights * jnp.tanh(conv(x, kernel)))
+
+    def penalty(conv, x, kernel, weights):
+        grad_x = jax.grad(loss, argnums=1)(conv, x, kernel, weights)
+        return jnp.sum(jnp.square(grad_x))
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (2, *hw, 3), jnp.float64)
+        kernel = jax.random.normal(jax.random.fold_in(KEY, 1), (*kernel_size, 3, 4))
+        want = lax_conv(x, kernel)
+        weights = jax.random.normal(jax.random.fold_in(KEY, 2), want.shape)
+        got = ours(x, kernel)
+        results = []
+        for fn in (loss, penalty):
+            grad = jax.jit(jax.grad(fn, argnums=(1, 2)), static_argnums=0)
+            results.append(
+                (grad(ours, x, kernel, weights), grad(lax_conv, x, kernel, weights))
+            )
+    assert got.dtype == jnp.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for got_grads, want_grads in results:
+        for a, b in zip(got_grads, want_grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+class StridedConv(nn.Module):
+    norm: str
+
+    @nn.compact
+    def __call__(self, x):
+        conv = layers.make_conv(self.norm, 4, (4, 4), (2, 2))
+        return conv(x, False)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "spectral"])
+def test_discriminator_convolutions_take_the_phase_path(norm, monkeypatch):
+    # Every normalization's convolutions go through phases.conv, so that the
+    # baselines differ from spectral normalization in normalization only.
+    calls = []
+    phase_conv = phases.conv
+
+    def counting_conv(*args):
+        calls.append(args[2])
+        return phase_conv(*args)
+
+    x = jax.random.normal(KEY, (2, 8, 8, 3))
+    module = StridedConv(norm)
+    variables = module.init(KEY, x)
+    want = module.apply(variables, x)
+    monkeypatch.setattr(phases, "conv", counting_conv)
+    np.testing.assert_allclose(module.apply(variables, x), want)
+    assert calls == [(2, 2)]

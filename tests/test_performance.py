@@ -179,3 +179,30 @@ def test_random_benchmark_batches_have_the_data_shapes():
     points = benchmark.random_batches(ring2d.get_config(), 1)[0]["images"]
     assert points.shape == (ring2d.get_config().batch_size, 2)
     assert points.dtype == np.float32
+
+
+def test_cpu_programs_compile_with_xla_convolutions_not_ynnpack():
+    # jaxlib 0.10 sends CPU convolutions to YNNPACK, slower on these networks;
+    # our pmapped and jitted programs keep them in XLA, others are untouched.
+    from sngan_jax import compiler
+
+    assert compiler.options("cpu") == compiler.CPU_OPTIONS
+    assert compiler.options("gpu") == {}
+    x, kernel = jnp.ones((1, 8, 16, 16, 32)), jnp.ones((1, 3, 3, 32, 32)) / 300
+
+    def conv(x, kernel):
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=dn
+        )
+
+    def uses_ynnpack(lowered):
+        return "__ynn_fusion" in lowered.compile().as_text()
+
+    ours = compiler.pmap(conv)
+    assert uses_ynnpack(jax.pmap(conv).lower(x, kernel))  # XLA's default here
+    np.testing.assert_allclose(ours(x, kernel), jax.pmap(conv)(x, kernel), rtol=1e-6)
+    (program,) = ours._programs.values()
+    assert "__ynn_fusion" not in program.as_text()
+    jitted = compiler.jit(conv)
+    assert "__ynn_fusion" not in jitted.lower(x[0], kernel[0]).compile().as_text()

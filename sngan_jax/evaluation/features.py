@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sngan_jax import compiler
+
 # fn(params, images (B, H, W, C) uint8) -> dict of (B, ...) arrays.
 FeatureFn = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
@@ -36,7 +38,7 @@ class FeatureExtractor:
         # multi-process run only process 0 evaluates.
         self.devices = list(devices or jax.local_devices())
         self.batch_per_device = batch_per_device
-        self._apply = jax.pmap(fn, devices=self.devices)
+        self._apply = compiler.pmap(fn, devices=self.devices)
         place = jax.pmap(lambda x: x, devices=self.devices)
         n = len(self.devices)
         self._params = place(
