@@ -56,10 +56,15 @@ def pmap(fn: Callable, **kwargs) -> Callable:
 
     ``jax.pmap`` takes no compiler options, so the pmapped function is compiled
     ahead of time, once per signature of its arguments, and called compiled.
+    Only in a single-process run: across processes ``pmap`` lowers with the
+    global shapes and is called with local ones, so there the options are
+    not applied.
     """
     pmapped = jax.pmap(fn, **kwargs)
     chosen = options(_platform(kwargs.get("devices")))
-    return _Compiled(pmapped, chosen) if chosen else pmapped
+    if not chosen or jax.process_count() > 1:
+        return pmapped
+    return _Compiled(pmapped, chosen)
 
 
 def _platform(devices) -> str:
