@@ -293,6 +293,12 @@ def main(argv: list[str]) -> None:
         for (name, variant), times in peer_times.items()
     ]
     print(format_table(config, results, peer_results))
+    if jax.config.jax_compilation_cache_dir:
+        # The commands keep one; the benchmark reads one only when JAX is told.
+        print(
+            "persistent compilation cache on (JAX_COMPILATION_CACHE_DIR): the "
+            "start figures may be those of a warm start"
+        )
     if FLAGS.json:
         report = {
             "results": [r._asdict() for r in results],

@@ -11,6 +11,10 @@ compiles is touched.
 
 ``SNGAN_JAX_XLA_DEFAULTS=1`` turns the options off. An XLA that does not know
 the option (another jaxlib) is detected once, with a warning, and gets none.
+
+``use_persistent_cache`` keeps compiled programs on disk (JAX's persistent
+compilation cache), so that a restarted or resumed run, and every point of a
+sweep after the first, loads its programs instead of compiling them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sngan_jax.evaluation import cache_dir
+
 DEFAULTS_ENV = "SNGAN_JAX_XLA_DEFAULTS"
+CACHE_MAX_BYTES = 2**30  # the least recently used programs go beyond this
 CPU_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 }
@@ -97,3 +104,22 @@ def _signature(x) -> tuple:
         return (x.shape, x.dtype, x.aval.weak_type)
     x = np.asarray(x)
     return (x.shape, x.dtype, False)
+
+
+def use_persistent_cache(directory: str | None = None) -> str:
+    """Keeps every program that takes a second or more to compile in ``directory``.
+
+    Default: ``$SNGAN_JAX_CACHE/xla`` (see ``evaluation.cache_dir``). A folder
+    already chosen with JAX's own ``JAX_COMPILATION_CACHE_DIR`` is kept. Call
+    before the first compilation. Entries are keyed by the program, the
+    compiler options, the devices and the jax and jaxlib versions, so a
+    changed config or installation compiles afresh; the folder is trimmed to
+    ``CACHE_MAX_BYTES``, least recently used first. Returns the folder.
+    """
+    chosen = jax.config.jax_compilation_cache_dir
+    if not chosen:
+        chosen = directory or cache_dir("xla")
+        jax.config.update("jax_compilation_cache_dir", chosen)
+    if jax.config.jax_compilation_cache_max_size < 0:  # JAX's default: no limit
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return chosen

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sngan_jax import checkpoints, data, loop, validate, writers
+from sngan_jax import checkpoints, compiler, data, loop, validate, writers
 from sngan_jax.evaluation.evaluator import EvaluationError
 
 FLAGS = flags.FLAGS
@@ -29,6 +29,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (several hosts).")
 flags.DEFINE_integer("process_id", None, "This process's index (several hosts).")
+flags.DEFINE_bool(
+    "compilation_cache",
+    True,
+    "Keep compiled programs in $SNGAN_JAX_CACHE/xla for the next start to load.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,6 +58,8 @@ def main(argv: list[str]) -> None:
         # bury the one-line summaries; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
     initialize_distributed()
+    if FLAGS.compilation_cache:
+        compiler.use_persistent_cache()
     writers.console(
         f"{jax.process_count()} process(es), {jax.device_count()} device(s) in all, "
         f"{jax.local_device_count()} here ({jax.devices()[0].platform})"

@@ -169,6 +169,49 @@ def tiny_ring_flags():
     ]
 
 
+def test_a_second_start_loads_its_programs_from_the_compilation_cache(tmp_path):
+    # Every program is cached here (the real threshold is a second of
+    # compilation), in this test's own cache folder.
+    cache = tmp_path / "cache"
+    env = dict(
+        os.environ,
+        SNGAN_JAX_CACHE=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    first = run_main([*tiny_ring_flags(), f"--workdir={tmp_path / 'a'}"], env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    programs = sorted(glob.glob(str(cache / "xla" / "*-cache")))
+    assert programs, "nothing was written to the compilation cache"
+    written = {p: os.stat(p).st_mtime_ns for p in programs}
+    used = {p: (p[: -len("cache")] + "atime") for p in programs}
+    used_before = {p: open(a, "rb").read() for p, a in used.items()}
+
+    second = run_main([*tiny_ring_flags(), f"--workdir={tmp_path / 'b'}"], env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # The same programs, read (their last-use stamps move) and not compiled
+    # and written again; and the loaded programs train to the same weights.
+    assert sorted(glob.glob(str(cache / "xla" / "*-cache"))) == programs
+    assert {p: os.stat(p).st_mtime_ns for p in programs} == written
+    assert all(open(used[p], "rb").read() != used_before[p] for p in programs)
+    a = checkpoints.Checkpointer(str(tmp_path / "a"))
+    b = checkpoints.Checkpointer(str(tmp_path / "b"))
+    state_a, _, _ = a.restore(a.latest_step())
+    state_b, _, _ = b.restore(b.latest_step())
+    a.close(), b.close()
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    # --nocompilation_cache neither reads nor writes it.
+    used_before = {p: open(a, "rb").read() for p, a in used.items()}
+    third = run_main(
+        [*tiny_ring_flags(), f"--workdir={tmp_path / 'c'}", "--nocompilation_cache"],
+        env=env,
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert sorted(glob.glob(str(cache / "xla" / "*-cache"))) == programs
+    assert {p: open(a, "rb").read() for p, a in used.items()} == used_before
+
+
 def test_two_processes_train_like_one_process(tmp_path):
     """2 processes x 2 devices (gloo on CPU) against 1 process x 4 devices."""
     port = free_port()
