@@ -127,7 +127,7 @@ class Timer:
 
         start = time.perf_counter()
         trainer = train.Trainer(config)
-        state = loop.to_devices(jax.device_get(trainer.init_state(config.seed)))
+        state = train.to_devices(jax.device_get(trainer.init_state(config.seed)))
         jax.block_until_ready(state)
         self.init_s = time.perf_counter() - start
 

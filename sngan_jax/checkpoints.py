@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sngan_jax import writers
+from sngan_jax import train, writers
 
 ITEMS = ("state", "data", "config", "checksum")
 UNREADABLE = "unreadable_checkpoints"  # beside checkpoints/, for damaged ones
@@ -333,3 +333,10 @@ def _reason(error: Exception) -> str:
     if code:
         text = f"{os.strerror(int(code.group(1)))}: {text}"
     return f"{type(error).__name__}: {text}"
+
+
+def save_replicated(config, ckpt, state, stream) -> None:
+    """Starts saving the (replicated) state and the stream's position."""
+    host_state = train.unreplicate(state)
+    step = int(host_state.step)
+    ckpt.save(step, host_state, stream.get_state(), config.to_dict())

@@ -345,3 +345,31 @@ def pmap_train_step(
 def param_count(params: Any) -> int:
     """Number of scalars in a parameter pytree."""
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+# --- placing the state on the devices -----------------------------------------
+
+
+def replicate(tree: Any, num_devices: int) -> Any:
+    """Host arrays to arrays with a leading device axis, as pmap takes them."""
+    return jax.tree.map(lambda x: np.broadcast_to(x, (num_devices, *np.shape(x))), tree)
+
+
+def to_devices(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Replicates host arrays onto the devices exactly as the step returns them.
+
+    The step's outputs carry a sharding named after its device axis; inputs
+    placed any other way would make the second step compile again.
+    """
+    num_local = len(devices) if devices else jax.local_device_count()
+    place = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
+    return place(replicate(tree, num_local))
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first local device's copy of a replicated pytree, as host arrays.
+
+    Reads only this process's own shard: with several processes the arrays
+    span devices this process cannot address.
+    """
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)

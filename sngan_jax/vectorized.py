@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sngan_jax import checkpoints, data, loop, optim, train, validate, writers
+from sngan_jax import checkpoints, data, loop, optim, reports, train, validate, writers
 
 VECTOR_FIELDS = tuple(f"optimizer.{name}" for name in optim.HYPERPARAMS)
 # Config fields whose value does not change what is computed.
@@ -93,7 +93,7 @@ class _Point:
         loop.check_resume(config, self.ckpt)
         loop.write_config(config, workdir)
         self.writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
-        self.scorer = loop.Scorer(config, workdir) if config.eval_every else None
+        self.scorer = reports.Scorer(config, workdir) if config.eval_every else None
         self.diverged: tuple[int, str] | None = None
         self.step = 0
 
@@ -144,9 +144,9 @@ def _with_hyperparams(state: train.TrainState, opt) -> train.TrainState:
 def _run(config, trainer, points, state, stream, devices) -> None:
     p_step = train.pmap_train_step(trainer, devices, vectorized=True)
     num_local = len(devices) if devices else jax.local_device_count()
-    state = loop.to_devices(state, devices)
-    first_step = int(loop.unreplicate(state.step)[0])
-    clock = loop.Clock(config, first_step)
+    state = train.to_devices(state, devices)
+    first_step = int(train.unreplicate(state.step)[0])
+    clock = reports.Clock(config, first_step)
     pending = None
     for step in range(first_step + 1, config.total_steps + 1):
         batches = [next(stream) for _ in range(config.n_dis)]
@@ -170,7 +170,9 @@ def _log(points, clock, step: int, metrics) -> None:
         if point.diverged:
             continue
         try:
-            loop.log_metrics(point.config, point.writer, clock, step, _view(metrics, k))
+            reports.log_metrics(
+                point.config, point.writer, clock, step, _view(metrics, k)
+            )
         except FloatingPointError as e:
             point.diverged = (step, str(e))
             writers.console(f"{point.workdir}: diverged at step {step}")
@@ -187,8 +189,8 @@ def _per_point(config, trainer, points, state, stream, step: int) -> None:
         view = _view(state, k)
         point.step = step
         if sample:
-            loop.write_samples(point.config, trainer, point.writer, view, step)
+            reports.write_samples(point.config, trainer, point.writer, view, step)
         if save:
-            loop.save_checkpoint(point.config, point.ckpt, view, stream)
+            checkpoints.save_replicated(point.config, point.ckpt, view, stream)
         if score:
             point.scorer.score(trainer, point.writer, view, stream, step)

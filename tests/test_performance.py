@@ -56,10 +56,10 @@ def test_bfloat16_activations_keep_the_state_in_float32(base):
 
     # A training step in bfloat16 (the float32 step is what every other test
     # trains with).
-    state = loop.to_devices(state)
+    state = train.to_devices(state)
     p_step = train.pmap_train_step(trainer)
     state, metrics = p_step(state, random_batch(config, jax.local_device_count()))
-    host = loop.unreplicate(state)
+    host = train.unreplicate(state)
     for field in ("g_params", "g_batch_stats", "d_params", "d_spectral"):
         dtypes = {x.dtype for x in jax.tree.leaves(getattr(host, field))}
         assert dtypes == {np.dtype(np.float32)}, (field, dtypes)

@@ -105,7 +105,7 @@ def test_gradients_agree_across_device_counts():
     for n in (1, 4):
         p_grads = jax.pmap(grads, train.AXIS, devices=jax.local_devices()[:n])
         shards = real.reshape(n, -1, *real.shape[1:])
-        results.append(loop.unreplicate(p_grads(loop.replicate(state, n), shards)))
+        results.append(train.unreplicate(p_grads(train.replicate(state, n), shards)))
     assert_trees_close(results[0], results[1], rtol=1e-5)
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(results[0])) > 1e-3
 
@@ -114,7 +114,7 @@ def test_spectral_vectors_stay_identical_across_devices():
     config = tiny_ring()
     trainer = train.Trainer(config)
     n = jax.local_device_count()
-    state = loop.replicate(trainer.init_state(0), n)
+    state = train.replicate(trainer.init_state(0), n)
     p_step = train.pmap_train_step(trainer)
     rng = np.random.default_rng(0)
     per_device = config.batch_size // n
@@ -273,7 +273,7 @@ def test_shard_batches_splits_each_batch_across_devices():
 def test_steps_after_the_first_do_not_compile_again():
     config = tiny_ring()
     trainer = train.Trainer(config)
-    state = loop.to_devices(trainer.init_state(0))
+    state = train.to_devices(trainer.init_state(0))
     p_step = train.pmap_train_step(trainer)
     stream, _ = data.create(config.dataset, config.batch_size, config.seed)
     n = jax.local_device_count()
