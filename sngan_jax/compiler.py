@@ -4,8 +4,9 @@ On the CPU, the XLA in jaxlib 0.10 hands convolutions to the YNNPACK library.
 On the convolutions of these networks XLA's own (Eigen) convolutions are 1.5
 to 4 times faster on 2 cores (SNDCGAN's 4x4 stride-2 layer, 64 channels,
 32x32, batch 128: forward 0.030 s against 0.097 s, kernel gradient 0.058 s
-against 0.22 s), and the SNDCGAN training iteration takes 1.7 s instead of
-2.7 s. So on the CPU our programs compile with YNNPACK kept for matrix
+against 0.22 s), and the SNDCGAN training iteration took 1.7 s instead of
+2.7 s (1.17 s instead of 1.46 s on another machine, with the rest of
+``phases`` in place). So on the CPU our programs compile with YNNPACK kept for matrix
 products only. Other platforms get no options, and nothing else a process
 compiles is touched.
 
