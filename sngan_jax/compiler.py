@@ -6,9 +6,9 @@ to 4 times faster on 2 cores (SNDCGAN's 4x4 stride-2 layer, 64 channels,
 32x32, batch 128: forward 0.030 s against 0.097 s, kernel gradient 0.058 s
 against 0.22 s), and the SNDCGAN training iteration took 1.7 s instead of
 2.7 s (1.17 s instead of 1.46 s on another machine, with the rest of
-``phases`` in place). So on the CPU our programs compile with YNNPACK kept for matrix
-products only. Other platforms get no options, and nothing else a process
-compiles is touched.
+``phases`` in place). So on the CPU our programs compile with YNNPACK kept
+for matrix products only. Other platforms get no options, and nothing else a
+process compiles is touched.
 
 ``SNGAN_JAX_XLA_DEFAULTS=1`` turns the options off. An XLA that does not know
 the option (another jaxlib) is detected once, with a warning, and gets none.
@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from sngan_jax.evaluation import cache_dir
 
@@ -124,3 +126,24 @@ def use_persistent_cache(directory: str | None = None) -> str:
     if jax.config.jax_compilation_cache_max_size < 0:  # JAX's default: no limit
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return chosen
+
+
+def define_cache_flag() -> None:
+    """Defines the commands' ``--compilation_cache`` flag (on by default).
+
+    Declared as the calling command's own flag, so that its ``--help`` lists it.
+    """
+    caller = sys._getframe(1).f_globals["__name__"]
+    flags.DEFINE_bool(
+        "compilation_cache",
+        True,
+        "Keep compiled programs in $SNGAN_JAX_CACHE/xla for the next start to load.",
+        # absl's name for a module run with -m is its path, as for the others.
+        module_name=sys.argv[0] if caller == "__main__" else caller,
+    )
+
+
+def cache_if_flagged() -> None:
+    """``use_persistent_cache()`` unless ``--nocompilation_cache`` was given."""
+    if flags.FLAGS.compilation_cache:
+        use_persistent_cache()

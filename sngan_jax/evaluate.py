@@ -38,11 +38,7 @@ flags.DEFINE_bool(
     "verify_weights", True, "Refuse Inception weights whose checksum is unknown."
 )
 flags.DEFINE_integer("batch_per_device", 0, "Images per device per feature batch.")
-flags.DEFINE_bool(
-    "compilation_cache",
-    True,
-    "Keep compiled programs in $SNGAN_JAX_CACHE/xla for the next start to load.",
-)
+compiler.define_cache_flag()
 flags.mark_flags_as_required(["workdir"])
 # The flags passed on to score().
 OPTIONS = (
@@ -120,8 +116,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.compilation_cache:
-        compiler.use_persistent_cache()
+    compiler.cache_if_flagged()
     options = {name: FLAGS[name].value for name in OPTIONS}
     try:
         record = score(FLAGS.workdir, **options)

@@ -29,11 +29,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (several hosts).")
 flags.DEFINE_integer("process_id", None, "This process's index (several hosts).")
-flags.DEFINE_bool(
-    "compilation_cache",
-    True,
-    "Keep compiled programs in $SNGAN_JAX_CACHE/xla for the next start to load.",
-)
+compiler.define_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,8 +54,7 @@ def main(argv: list[str]) -> None:
         # bury the one-line summaries; --verbosity=0 brings them back.
         logging.set_verbosity(logging.WARNING)
     initialize_distributed()
-    if FLAGS.compilation_cache:
-        compiler.use_persistent_cache()
+    compiler.cache_if_flagged()
     writers.console(
         f"{jax.process_count()} process(es), {jax.device_count()} device(s) in all, "
         f"{jax.local_device_count()} here ({jax.devices()[0].platform})"

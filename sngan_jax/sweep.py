@@ -46,11 +46,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory of the sweep; one sub-folder a point.")
 flags.DEFINE_bool("vectorize", True, "Train points that differ only in Adam together.")
 flags.DEFINE_list("only", [], "Run only the points with these names.")
-flags.DEFINE_bool(
-    "compilation_cache",
-    True,
-    "Keep compiled programs in $SNGAN_JAX_CACHE/xla for the next start to load.",
-)
+compiler.define_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 STATUS_FILE = "sweep_status.json"
@@ -327,8 +323,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.compilation_cache:
-        compiler.use_persistent_cache()
+    compiler.cache_if_flagged()
     cli = config_flags.get_override_values(FLAGS["config"])
     try:
         path = config_flags.get_config_filename(FLAGS["config"])
