@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from sngan_jax import data, layers, losses, models
+from sngan_jax import data, losses, models, norms
 from sngan_jax.models import dcgan, resnet, small
 
 
@@ -150,10 +150,9 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"unknown model.name {config.model.name!r}; choose one of {models.MODELS}"
         )
-    if config.model.d_norm not in layers.NORMS:
+    if config.model.d_norm not in norms.NORMS:
         raise ConfigError(
-            f"unknown model.d_norm {config.model.d_norm!r}; "
-            f"choose one of {layers.NORMS}"
+            f"unknown model.d_norm {config.model.d_norm!r}; choose one of {norms.NORMS}"
         )
     if config.loss.name not in losses.LOSSES:
         raise ConfigError(

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from sngan_jax import layers, optim, phases, spectral
+from sngan_jax import layers, norms, optim, phases, spectral
 
 KEY = jax.random.PRNGKey(0)
 
@@ -68,7 +68,7 @@ def test_the_normalized_layer_uses_the_normalized_kernel():
 
 def test_weight_norm_starts_as_the_plain_layer():
     x = jax.random.normal(KEY, (3, 6))
-    wn = layers.WNDense(4)
+    wn = norms.WNDense(4)
     variables = wn.init(KEY, x)
     plain = x @ variables["params"]["kernel"]
     np.testing.assert_allclose(wn.apply(variables, x), plain, rtol=1e-5, atol=1e-6)
@@ -79,12 +79,12 @@ class TinyD(nn.Module):
 
     @nn.compact
     def __call__(self, x, update_stats=True):
-        x = nn.relu(layers.make_conv(self.norm, 4)(x, update_stats))
+        x = nn.relu(norms.make_conv(self.norm, 4)(x, update_stats))
         x = x.reshape(x.shape[0], -1)
-        return layers.make_dense(self.norm, 1, normalize_output=False)(x, update_stats)
+        return norms.make_dense(self.norm, 1, normalize_output=False)(x, update_stats)
 
 
-@pytest.mark.parametrize("norm", layers.NORMS)
+@pytest.mark.parametrize("norm", norms.NORMS)
 def test_every_baseline_normalization_builds_and_runs(norm):
     x = jax.random.normal(KEY, (4, 6, 6, 3))
     variables = TinyD(norm).init(KEY, x)
@@ -100,7 +100,7 @@ def test_unknown_norm_is_rejected_with_choices():
 
 def test_batch_stat_norm_normalizes_each_channel():
     x = 3.0 + 2.0 * jax.random.normal(KEY, (64, 4, 4, 5))
-    bn = layers.BatchStatNorm()
+    bn = norms.BatchStatNorm()
     y = bn.apply(bn.init(KEY, x), x)
     np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, atol=1e-3)
@@ -253,7 +253,7 @@ class StridedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = layers.make_conv(self.norm, 4, (4, 4), (2, 2))
+        conv = norms.make_conv(self.norm, 4, (4, 4), (2, 2))
         return conv(x, False)
 
 

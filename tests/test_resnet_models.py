@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sngan_jax import layers
+from sngan_jax import norms
 from sngan_jax.models.resnet import ResNetDiscriminator, ResNetGenerator
 
 BATCH = 2
@@ -336,7 +336,7 @@ EXTRA_PARAMS_D32 = {
 }
 
 
-@pytest.mark.parametrize("norm", layers.NORMS)
+@pytest.mark.parametrize("norm", norms.NORMS)
 def test_every_normalization_builds_and_runs(norm):
     _, images, _ = _inputs(32, 0)
     d = ResNetDiscriminator(32, norm=norm)

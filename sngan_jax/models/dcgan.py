@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers
+from sngan_jax import layers, norms
 from sngan_jax.models.common import bn_relu, by_image_size
 
 # (channel multiple of ch, kernel size, stride) of the discriminator convs.
@@ -72,7 +72,7 @@ class DCGANDiscriminator(nn.Module):
         by_image_size(_BOTTOM, self.image_size, "SNDCGAN discriminator")
         x = x.astype(self.dtype)
         for mult, k, s in _D_CONVS:
-            conv = layers.make_conv(
+            conv = norms.make_conv(
                 self.norm,
                 mult * self.ch,
                 (k, k),
@@ -82,7 +82,7 @@ class DCGANDiscriminator(nn.Module):
                 dtype=self.dtype,
             )
             x = nn.leaky_relu(conv(x, update_stats), 0.1)
-        dense = layers.make_dense(
+        dense = norms.make_dense(
             self.norm,
             1,
             normalize_output=False,

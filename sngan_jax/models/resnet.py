@@ -16,7 +16,7 @@ Projection Discriminator", 2018) or concatenate a class embedding to the
 feature maps after the third block (the SN-GAN paper's ImageNet model).
 
 ``ch = 64`` gives the paper's widths. Every discriminator layer is built by
-``layers.make_conv`` / ``layers.make_dense``, so the same network runs with any
+``norms.make_conv`` / ``norms.make_dense``, so the same network runs with any
 of the normalizations that the paper compares.
 """
 
@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers
+from sngan_jax import layers, norms
 from sngan_jax.models.common import BN_MOMENTUM, by_image_size
 
 Array = jax.Array
@@ -209,10 +209,10 @@ class _DiscriminatorBlockBase(nn.Module):
         init: layers.Initializer,
         *,
         normalize_output: bool,
-    ) -> layers.LayerFn:
+    ) -> norms.LayerFn:
         # Layer and batch norm baselines normalize only the first convolution's
         # output; the others feed the residual sum.
-        return layers.make_conv(
+        return norms.make_conv(
             self.norm,
             features,
             (size, size),
@@ -316,7 +316,7 @@ class ResNetDiscriminator(nn.Module):
 
         # The sum over H and W, and the logits, in float32.
         h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
-        out = layers.make_dense(
+        out = norms.make_dense(
             self.norm,
             1,
             normalize_output=False,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers
+from sngan_jax import norms
 from sngan_jax.models.common import bn_relu, by_image_size
 
 # Image size -> number of 2x stages from (or down to) the 4x4 bottom.
@@ -60,9 +60,9 @@ class MLPDiscriminator(nn.Module):
         x = x.astype(self.dtype)
         for _ in range(self.depth):
             x = nn.relu(
-                layers.make_dense(self.norm, self.hidden, **opts)(x, update_stats)
+                norms.make_dense(self.norm, self.hidden, **opts)(x, update_stats)
             )
-        out = layers.make_dense(self.norm, 1, normalize_output=False, **opts)
+        out = norms.make_dense(self.norm, 1, normalize_output=False, **opts)
         return out(x, update_stats)[:, 0].astype(jnp.float32)
 
 
@@ -118,10 +118,10 @@ class SmallDiscriminator(nn.Module):
         width = self.ch
         for _ in range(stages):
             for k, s in ((3, 1), (4, 2)):
-                conv = layers.make_conv(self.norm, width, (k, k), (s, s), **opts)
+                conv = norms.make_conv(self.norm, width, (k, k), (s, s), **opts)
                 x = nn.leaky_relu(conv(x, update_stats), 0.1)
             width *= 2
-        conv = layers.make_conv(self.norm, width, (3, 3), **opts)
+        conv = norms.make_conv(self.norm, width, (3, 3), **opts)
         x = nn.leaky_relu(conv(x, update_stats), 0.1)
-        out = layers.make_dense(self.norm, 1, normalize_output=False, **opts)
+        out = norms.make_dense(self.norm, 1, normalize_output=False, **opts)
         return out(x.reshape(x.shape[0], -1), update_stats)[:, 0].astype(jnp.float32)
