@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import phases, spectral
+from sngan_jax import channels, phases, spectral
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -97,7 +97,7 @@ def add_bias(module: nn.Module, y: Array, use_bias: bool, init: Initializer) -> 
     if not use_bias:
         return y
     bias = module.param("bias", init, (y.shape[-1],))
-    return y + bias.astype(y.dtype)
+    return channels.add_bias(y, bias)
 
 
 class SNConv(nn.Module):
@@ -223,7 +223,7 @@ class ConditionalBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, train: bool) -> Array:
-        x = nn.BatchNorm(
+        x = channels.BatchNorm(
             use_running_average=not train,
             use_scale=False,
             use_bias=False,

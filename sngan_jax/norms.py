@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import phases
+from sngan_jax import channels, phases
 from sngan_jax.layers import (
     Array,
     Initializer,
@@ -91,17 +91,18 @@ class BatchStatNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         # Statistics in float32 whatever the activations' dtype.
-        axes = tuple(range(x.ndim - 1))
         x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=axes)
-        mean_sq = jnp.mean(jnp.square(x32), axis=axes)
+        count = x32.size // x32.shape[-1]
+        mean = channels.channel_sum(x32) / count
+        mean_sq = channels.channel_sum(jnp.square(x32)) / count
         if self.axis_name is not None:
             mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        mul = mul * self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return (y * scale + bias).astype(x.dtype)
+        y = (x32 - channels.expand(mean, x.shape)) * channels.expand(mul, x.shape)
+        return channels.add_bias(y, bias).astype(x.dtype)
 
 
 LayerFn = Callable[[Array, bool], Array]

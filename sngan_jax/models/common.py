@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sngan_jax import channels
+
 T = TypeVar("T")
 
 BN_MOMENTUM = 0.9  # running-average momentum of the generators' batch norm
@@ -30,7 +32,7 @@ def bn_relu(
 
     ``dtype`` is that of the output; flax computes the statistics in float32.
     """
-    bn = nn.BatchNorm(
+    bn = channels.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         axis_name=axis_name,

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers, norms
+from sngan_jax import channels, layers, norms
 from sngan_jax.models.common import BN_MOMENTUM, by_image_size
 
 Array = jax.Array
@@ -105,7 +105,7 @@ def _batch_norm(
         )
 
     def norm(x: Array, labels: Array | None, train: bool) -> Array:
-        bn = nn.BatchNorm(
+        bn = channels.BatchNorm(
             use_running_average=not train,
             momentum=BN_MOMENTUM,
             axis_name=axis_name,
