@@ -183,16 +183,43 @@ class Trainer:
 
         return losses.penalty_at(d_fn, eps * real + (1.0 - eps) * fake)
 
-    def d_update(self, state: TrainState, real_batch: Mapping[str, Array], key: Array):
-        """One discriminator update; returns the new state and its metrics."""
+    def generate_all(self, state: TrainState, keys: Array, per_device: int):
+        """The fakes (and labels) of several discriminator updates in one call.
+
+        ``keys (n, 2)``: the updates' keys. The generator does not change
+        between discriminator updates, so their fakes can be drawn together:
+        vmapped, each update's batch keeps its own batch-norm statistics, and
+        the step compiles one generator pass instead of ``n``.
+        """
+
+        def one(key):
+            z, labels = self.draw_latents(jax.random.split(key, 3)[0], per_device)
+            return self.generate(state, z, labels), labels
+
+        return jax.vmap(one)(keys)
+
+    def d_update(
+        self,
+        state: TrainState,
+        real_batch: Mapping[str, Array],
+        key: Array,
+        fakes: tuple[Array, Array | None] | None = None,
+    ):
+        """One discriminator update; returns the new state and its metrics.
+
+        ``fakes``: this update's fakes and their labels from ``generate_all``
+        (the same draw from the same ``key``); drawn here when None.
+        """
         z_key, gp_key, flip_key = jax.random.split(key, 3)
         real = to_model_input(real_batch["images"])
         if self.config.dataset.random_flip:
             flip = jax.random.bernoulli(flip_key, 0.5, (self.global_batch,))
             real = random_flip(real, self._local_rows(flip, real.shape[0]))
         real_labels = real_batch.get("labels") if self.num_classes else None
-        z, fake_labels = self.draw_latents(z_key, real.shape[0])
-        fake = self.generate(state, z, fake_labels)
+        if fakes is None:
+            z, fake_labels = self.draw_latents(z_key, real.shape[0])
+            fakes = self.generate(state, z, fake_labels), fake_labels
+        fake, fake_labels = fakes
         grad_fn = jax.grad(self.d_loss, has_aux=True)
         grads, (spectral, metrics) = grad_fn(
             state.d_params,
@@ -262,13 +289,18 @@ class Trainer:
         key = jax.random.fold_in(state.rng, state.step)
         d_keys = jax.random.split(jax.random.fold_in(key, 0), self.config.n_dis)
 
+        per_device = batch["images"].shape[1]
+        fakes = None
+        if self.config.n_dis > 1:
+            fakes = self.generate_all(state, d_keys, per_device)
+
         # Unrolled rather than lax.scan: XLA's CPU backend runs convolutions
         # inside a while loop several times slower (8x on the digits model).
         for i in range(self.config.n_dis):
             real_batch = {k: v[i] for k, v in batch.items()}
-            state, metrics = self.d_update(state, real_batch, d_keys[i])
+            mine = None if fakes is None else jax.tree.map(lambda x: x[i], fakes)
+            state, metrics = self.d_update(state, real_batch, d_keys[i], mine)
         # metrics: those of the last discriminator update of the step.
-        per_device = batch["images"].shape[1]
         state, g_metrics = self.g_update(state, jax.random.fold_in(key, 1), per_device)
         metrics.update(g_metrics)
         metrics.update(sigma_range(state.d_spectral))

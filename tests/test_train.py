@@ -170,6 +170,40 @@ def test_one_discriminator_update_runs_exactly_one_power_iteration(monkeypatch):
         np.testing.assert_allclose(u_new["u"], expected, rtol=1e-6, atol=1e-7)
 
 
+def test_fakes_drawn_together_equal_fakes_drawn_per_update():
+    # With n_dis > 1 the step draws every update's fakes in one vmapped
+    # generator pass; each update must see the fakes it would draw itself,
+    # with its own batch-norm statistics, and train to the same state.
+    config = tiny_digits(n_dis=3)
+    trainer = train.Trainer(config)
+    state = jax.tree.map(lambda x: x[None], trainer.init_state(0))
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    images = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), np.uint8)
+
+    def per_update(state):
+        fakes = []
+        for key in keys:
+            z, labels = trainer.draw_latents(jax.random.split(key, 3)[0], 16)
+            fakes.append(trainer.generate(state, z, labels))
+            state, _ = trainer.d_update(state, {"images": images}, key)
+        return fakes, state
+
+    def together(state):
+        fakes, labels = trainer.generate_all(state, keys, 16)
+        for i, key in enumerate(keys):
+            mine = (fakes[i], None if labels is None else labels[i])
+            state, _ = trainer.d_update(state, {"images": images}, key, mine)
+        return fakes, state
+
+    want = jax.vmap(per_update, axis_name=train.AXIS)(state)
+    got = jax.vmap(together, axis_name=train.AXIS)(state)
+    assert np.shape(got[0]) == (1, 3, 16, 8, 8, 1)
+    for i in range(3):
+        np.testing.assert_allclose(got[0][0, i], want[0][i][0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got[0][0, 0], got[0][0, 1])  # fresh latents each update
+    assert_trees_close(got[1], want[1], rtol=1e-5)
+
+
 def test_generator_update_leaves_the_spectral_state_alone():
     config = tiny_ring()
     trainer = train.Trainer(config)
