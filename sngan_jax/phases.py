@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sngan_jax import taps
+
 Array = jax.Array
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -99,6 +101,11 @@ def conv(
     is an ordinary convolution. The forward pass and the kernel gradient stay
     the direct convolution's, which is faster for those. Layers whose kernel
     size or padded input size the stride does not divide compute directly.
+
+    On the CPU, stride-1 layers with 3 or so input or output channels (the
+    discriminator's first layer, the generator's last) are matrix products
+    over the kernel's taps instead, in the forward pass and the gradients
+    (see ``taps``).
     """
     kernel = kernel.astype(x.dtype)
     if isinstance(padding, str):
@@ -113,6 +120,12 @@ def conv(
             strides, kernel.shape[:2], x.shape[1:3], padding, strict=True
         )
     )
+    if (
+        strides == (1, 1)
+        and jax.default_backend() == "cpu"
+        and taps.form(x.shape, kernel.shape, padding)
+    ):
+        return taps.conv(x, kernel, padding)
     if not fits or _direct_only:
         return _direct(x, kernel, strides, padding)
     return _phase_conv(x, kernel, strides, padding)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers, norms
+from sngan_jax import layers, norms, phases
 from sngan_jax.models.common import bn_relu, by_image_size
 
 # (channel multiple of ch, kernel size, stride) of the discriminator convs.
@@ -51,7 +51,12 @@ class DCGANGenerator(nn.Module):
             # its kernel gradient runs many times faster on CPU.
             x = layers.ConvTranspose(mult * self.ch, (4, 4), (2, 2), dtype=dtype)(x)
             x = bn_relu(x, train, axis, dtype)
-        x = nn.Conv(self.channels, (3, 3), dtype=dtype)(x)
+        x = nn.Conv(
+            self.channels,
+            (3, 3),
+            dtype=dtype,
+            conv_general_dilated=phases.conv_general_dilated,  # thin: see taps
+        )(x)
         return jnp.tanh(x).astype(jnp.float32)
 
 

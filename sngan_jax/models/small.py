@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import norms
+from sngan_jax import norms, phases
 from sngan_jax.models.common import bn_relu, by_image_size
 
 # Image size -> number of 2x stages from (or down to) the 4x4 bottom.
@@ -92,7 +92,12 @@ class SmallGenerator(nn.Module):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = nn.Conv(width, (3, 3), use_bias=False, dtype=dtype)(x)
             x = bn_relu(x, train, axis, dtype)
-        x = nn.Conv(self.channels, (3, 3), dtype=dtype)(x)
+        x = nn.Conv(
+            self.channels,
+            (3, 3),
+            dtype=dtype,
+            conv_general_dilated=phases.conv_general_dilated,  # thin: see taps
+        )(x)
         return jnp.tanh(x).astype(jnp.float32)
 
 
