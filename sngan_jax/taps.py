@@ -9,7 +9,8 @@ their gradients are dots too:
 
 - few inputs (``k*k*C_in <= C_out``): the ``k*k`` shifted copies of the
   padded input side by side (``k*k*C_in`` columns, 27 for an RGB image and a
-  3x3 kernel) times the kernel as a ``(k*k*C_in, C_out)`` matrix;
+  3x3 kernel, gathered in one pass) times the kernel as a
+  ``(k*k*C_in, C_out)`` matrix;
 - few outputs (``k*k*C_out <= C_in``): the input times the kernel as a
   ``(C_in, k*k*C_out)`` matrix, then the ``k*k`` blocks of the product,
   shifted into place and added.
@@ -19,11 +20,11 @@ The kernel gradient is a product of the thin side, laid out channels first
 transposed; the input gradient is the other form of the same kind.
 
 On 2 CPU cores, 32x32 inputs and 3x3 kernels: the generator's 64-to-3 layer
-at batch 64 ran forward in 3 ms instead of 11.5 ms, its kernel gradient in
-4 ms instead of 20 ms; the discriminator's 3-to-64 layer at batch 128 took
-as long forward (17 to 18 ms) and 9 ms instead of 20 ms for its kernel
-gradient. SNDCGAN's training iteration (n_dis 1) took 1.09 and 1.16 s
-instead of 1.19 and 1.24 s, in two pairs of runs taking turns.
+at batch 64 ran forward in 3 ms instead of 12 ms, its kernel gradient in
+4 ms instead of 19 ms; the discriminator's 3-to-64 layer at batch 128 took
+as long forward (17 ms) and 9 ms instead of 18 ms for its kernel gradient.
+SNDCGAN's training iteration (n_dis 1) took 1.08 s instead of 1.14 s, both
+compiled in one process and timed in turns.
 ``phases.conv`` uses these forms on the CPU where they apply; elsewhere the
 convolution libraries handle such layers well.
 """
