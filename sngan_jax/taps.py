@@ -149,8 +149,7 @@ def _columns_t(a: Array, kh: int, kw: int, padding: Padding, flip: bool) -> Arra
     lies (XLA would transpose it, slowly, to sum over its leading axis).
     ``flip``: tap ``(i, j)`` reads at offset ``(kh-1-i, kw-1-j)``.
     """
-    oh = a.shape[1] + sum(padding[0]) - kh + 1
-    ow = a.shape[2] + sum(padding[1]) - kw + 1
+    oh, ow = _out_size(a.shape, (kh, kw), padding)
     at = jnp.pad(jnp.moveaxis(a, 3, 0), ((0, 0), (0, 0), *padding))
     rows, cols = _window_indices(kh, kw, oh, ow, flip)
     # (C, N, kh, kw, oh, ow), gathered in one loop as in _few_inputs

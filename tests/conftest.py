@@ -49,3 +49,28 @@ def cifar_jpeg_folder(tmp_path_factory):
     (train / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (train / "dog" / "notes.txt").write_text("not an image")
     return train
+
+
+def _jaxpr_operations(fn, *args) -> set[tuple[str, tuple[int, ...]]]:
+    """(primitive, output shape) of every operation in ``fn``'s jaxpr, nested too."""
+    import jax
+    import jax.extend
+
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            found.update((eqn.primitive.name, v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    # A new function each time: jax reuses traces of the same one, whatever
+    # a context manager around the call says.
+    walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
+    return found
+
+
+@pytest.fixture
+def jaxpr_operations():
+    """``jaxpr_operations(fn, *args)``: the operations ``fn`` traces to."""
+    return _jaxpr_operations

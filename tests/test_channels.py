@@ -12,22 +12,6 @@ from sngan_jax import channels
 KEY = jax.random.PRNGKey(0)
 
 
-def _operations(fn, *args) -> set[tuple[str, tuple[int, ...]]]:
-    """(primitive, output shape) of every operation in ``fn``'s jaxpr, nested too."""
-    found = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            found.update((eqn.primitive.name, v.aval.shape) for v in eqn.outvars)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    # A new function each time: jax reuses traces of the same one, whatever
-    # ``channels.plain`` says.
-    walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
-    return found
-
-
 def _bias_and_sum_loss(x, bias, weights):
     y = channels.add_bias(jnp.tanh(x), bias)
     return jnp.sum(weights * jnp.tanh(y)) + jnp.sum(jnp.sin(channels.channel_sum(y)))
@@ -65,16 +49,16 @@ def test_sums_by_product_equal_plain_sums_to_second_order(shape):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_the_cpu_takes_the_product_form_and_plain_does_not():
+def test_the_cpu_takes_the_product_form_and_plain_does_not(jaxpr_operations):
     x, bias = jnp.ones((4, 3, 3, 5)), jnp.ones((5,))
     grad = jax.grad(_bias_and_sum_loss, argnums=(0, 1))
     assert jax.default_backend() == "cpu"
     per_channel = {("reduce_sum", (5,)), ("dot_general", (5,))}
     with channels.plain():
-        assert _operations(grad, x, bias, jnp.ones_like(x)) & per_channel == {
+        assert jaxpr_operations(grad, x, bias, jnp.ones_like(x)) & per_channel == {
             ("reduce_sum", (5,))
         }
-    assert _operations(grad, x, bias, jnp.ones_like(x)) & per_channel == {
+    assert jaxpr_operations(grad, x, bias, jnp.ones_like(x)) & per_channel == {
         ("dot_general", (5,))
     }
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import channels
+from sngan_jax import channels, phases
 
 T = TypeVar("T")
 
@@ -39,3 +39,19 @@ def bn_relu(
         dtype=dtype,
     )
     return nn.relu(bn(x))
+
+
+def to_image(channels: int, dtype: Any, **kwargs) -> nn.Conv:
+    """The generators' last layer: flax's 3x3 ``nn.Conv`` to ``channels``.
+
+    Computed by ``phases.conv``, so that on the CPU this thin layer is a
+    matrix product over the kernel's taps (see ``taps``); the variables are
+    flax's. ``kwargs`` go to ``nn.Conv`` (an initializer, a name).
+    """
+    return nn.Conv(
+        channels,
+        (3, 3),
+        dtype=dtype,
+        conv_general_dilated=phases.conv_general_dilated,
+        **kwargs,
+    )

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import layers, norms, phases
-from sngan_jax.models.common import bn_relu, by_image_size
+from sngan_jax import layers, norms
+from sngan_jax.models.common import bn_relu, by_image_size, to_image
 
 # (channel multiple of ch, kernel size, stride) of the discriminator convs.
 _D_CONVS = ((1, 3, 1), (1, 4, 2), (2, 3, 1), (2, 4, 2), (4, 3, 1), (4, 4, 2), (8, 3, 1))
@@ -51,12 +51,7 @@ class DCGANGenerator(nn.Module):
             # its kernel gradient runs many times faster on CPU.
             x = layers.ConvTranspose(mult * self.ch, (4, 4), (2, 2), dtype=dtype)(x)
             x = bn_relu(x, train, axis, dtype)
-        x = nn.Conv(
-            self.channels,
-            (3, 3),
-            dtype=dtype,
-            conv_general_dilated=phases.conv_general_dilated,  # thin: see taps
-        )(x)
+        x = to_image(self.channels, dtype)(x)
         return jnp.tanh(x).astype(jnp.float32)
 
 

@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import channels, layers, norms, phases
-from sngan_jax.models.common import BN_MOMENTUM, by_image_size
+from sngan_jax import channels, layers, norms
+from sngan_jax.models.common import BN_MOMENTUM, by_image_size, to_image
 
 Array = jax.Array
 
@@ -189,14 +189,7 @@ class ResNetGenerator(nn.Module):
 
         # The last batch norm is unconditional, as in the reference code.
         h = nn.relu(_batch_norm(0, self.axis_name, "bn", dtype)(h, None, train))
-        conv = nn.Conv(
-            3,
-            (3, 3),
-            kernel_init=_plain_init,
-            dtype=dtype,
-            conv_general_dilated=phases.conv_general_dilated,  # thin: see taps
-            name="conv_out",
-        )
+        conv = to_image(3, dtype, kernel_init=_plain_init, name="conv_out")
         return jnp.tanh(conv(h)).astype(jnp.float32)
 
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sngan_jax import norms, phases
-from sngan_jax.models.common import bn_relu, by_image_size
+from sngan_jax import norms
+from sngan_jax.models.common import bn_relu, by_image_size, to_image
 
 # Image size -> number of 2x stages from (or down to) the 4x4 bottom.
 _STAGES = {8: 1, 16: 2}
@@ -92,12 +92,7 @@ class SmallGenerator(nn.Module):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             x = nn.Conv(width, (3, 3), use_bias=False, dtype=dtype)(x)
             x = bn_relu(x, train, axis, dtype)
-        x = nn.Conv(
-            self.channels,
-            (3, 3),
-            dtype=dtype,
-            conv_general_dilated=phases.conv_general_dilated,  # thin: see taps
-        )(x)
+        x = to_image(self.channels, dtype)(x)
         return jnp.tanh(x).astype(jnp.float32)
 
 
